@@ -1,0 +1,41 @@
+# The README's two commands: `make train` and `make test`. Each creates (or reuses) the
+# virtual environment in .venv, installs what it needs, and builds the native module.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTHON ?= python3
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export VIRTUAL_ENV := $(abspath $(VENV))
+
+.PHONY: train test setup build cargo-test pytest bench wheel clean
+
+train: build
+	$(VENV)/bin/horizon train $(ARGS)
+
+test: build cargo-test pytest
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+build: setup
+	$(PY) -m maturin develop --release --quiet
+
+cargo-test: setup
+	cargo test --release
+
+pytest: build
+	$(PY) -m pytest -q
+
+bench: build
+	cargo bench
+	$(PY) benches/adam_vs_peers.py
+
+wheel: setup
+	$(PY) -m maturin build --release --out dist
+
+clean:
+	rm -rf target dist $(VENV)

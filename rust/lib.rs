@@ -1,0 +1,14 @@
+//! horizon-native: the Rust core behind `horizon._native`. It owns host memory (arena, layer
+//! slabs), CPU AdamW, the transfer pipeline and CUDA driver launches. No Python logic lives
+//! here; the PyO3 bindings (feature `python`) are a thin layer in `python/`.
+
+pub mod adam;
+pub mod cuda;
+pub mod memory;
+pub mod pipeline;
+
+#[cfg(feature = "python")]
+mod python;
+
+/// The crate's version, as reported by `horizon doctor`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,119 @@
+//! Bindings of the system report (`horizon doctor`) and the kernel launcher.
+
+use super::{err, guard};
+use crate::cuda::{self, KernelArg};
+use crate::memory::topology;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+/// Everything `horizon doctor` reports from the native side, as one JSON object.
+#[pyfunction]
+fn system_info_json() -> PyResult<String> {
+    guard("system_info_json", || {
+        let (ram_total, ram_available) = topology::host_memory_bytes();
+        let driver = cuda::driver_available();
+        let (gpus, gpu_error) = if driver {
+            match cuda::gpus() {
+                Ok(g) => (g, None),
+                Err(e) => (Vec::new(), Some(e.to_string())),
+            }
+        } else {
+            (Vec::new(), None)
+        };
+        let simd = crate::adam::simd::detected();
+        let v = serde_json::json!({
+            "native_version": crate::VERSION,
+            "simd": simd.name(),
+            "simd_hardware": crate::adam::simd::hardware().name(),
+            "numa_nodes": topology::numa_nodes(),
+            "allowed_cpus": topology::allowed_cpus(),
+            "host_memory_total_bytes": ram_total,
+            "host_memory_available_bytes": ram_available,
+            "cuda_driver_present": driver,
+            "cuda_driver_version": cuda::driver_version(),
+            "gpus": gpus,
+            "gpu_error": gpu_error,
+            "kernel_build": cuda::kernel_build_status(),
+            "kernels": cuda::embedded_kernels(),
+        });
+        Ok(v.to_string())
+    })
+}
+
+#[pyfunction]
+fn has_kernels() -> bool {
+    !cuda::fatbin().is_empty()
+}
+
+#[pyfunction]
+fn ptxas_report() -> &'static str {
+    cuda::ptxas_report()
+}
+
+#[pyfunction]
+fn cuda_driver_present() -> bool {
+    cuda::driver_available()
+}
+
+fn dims(t: &Bound<'_, PyAny>, what: &str) -> PyResult<(u32, u32, u32)> {
+    let v: Vec<u32> = t.extract().map_err(|_| err(format!("{what} must be a sequence of 1-3 non-negative ints")))?;
+    match v.as_slice() {
+        [x] => Ok((*x, 1, 1)),
+        [x, y] => Ok((*x, *y, 1)),
+        [x, y, z] => Ok((*x, *y, *z)),
+        _ => Err(err(format!("{what} must have 1 to 3 entries, got {}", v.len()))),
+    }
+}
+
+/// Launches kernel `name` of the embedded fatbin on the raw CUDA stream `stream`.
+/// `args` is a sequence of `(kind, value)` with kind one of "ptr", "i32", "i64", "u32", "f32".
+/// Asynchronous: returns once the launch is queued.
+#[pyfunction]
+#[pyo3(signature = (name, grid, block, shared_mem, stream, device, args))]
+fn launch(
+    name: &str,
+    grid: &Bound<'_, PyAny>,
+    block: &Bound<'_, PyAny>,
+    shared_mem: u32,
+    stream: u64,
+    device: i32,
+    args: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let grid = dims(grid, "grid")?;
+    let block = dims(block, "block")?;
+    let mut kargs = Vec::new();
+    for (i, item) in args.try_iter()?.enumerate() {
+        let item = item?;
+        let t = item.downcast::<PyTuple>().map_err(|_| err(format!("kernel argument {i} must be a (kind, value) tuple")))?;
+        let kind: String = t.get_item(0)?.extract()?;
+        let val = t.get_item(1)?;
+        let bad = |_e: PyErr| err(format!("kernel argument {i}: value does not fit kind {kind:?}"));
+        kargs.push(match kind.as_str() {
+            "ptr" => KernelArg::Ptr(val.extract().map_err(bad)?),
+            "i32" => KernelArg::I32(val.extract().map_err(bad)?),
+            "i64" => KernelArg::I64(val.extract().map_err(bad)?),
+            "u32" => KernelArg::U32(val.extract().map_err(bad)?),
+            "f32" => KernelArg::F32(val.extract().map_err(bad)?),
+            other => return Err(err(format!("kernel argument {i}: unknown kind {other:?}"))),
+        });
+    }
+    guard("launch", || {
+        cuda::launch(name, grid, block, shared_mem, stream, device, &kargs).map_err(|e| err(e.to_string()))
+    })
+}
+
+/// Raises a Rust panic inside the guard: lets the tests show a panic becomes a HorizonError.
+#[pyfunction]
+fn _panic_for_test(message: String) -> PyResult<()> {
+    guard("_panic_for_test", || panic!("{message}"))
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(system_info_json, m)?)?;
+    m.add_function(wrap_pyfunction!(has_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(ptxas_report, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_driver_present, m)?)?;
+    m.add_function(wrap_pyfunction!(launch, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
+    Ok(())
+}
