@@ -6,6 +6,7 @@ import torch
 
 from .. import native
 from ..errors import HorizonError
+from . import _common
 
 _ACC = "horizon_acc_bf16_to_f32"
 _THREADS = 256
@@ -44,3 +45,67 @@ def accumulate_grad_(acc: torch.Tensor, grad: torch.Tensor, scale: float = 1.0) 
         )
         return acc
     return accumulate_grad_reference(acc, grad, scale)
+
+
+_SQ = {torch.bfloat16: "horizon_sq_norm_partial_bf16", torch.float32: "horizon_sq_norm_partial_f32"}
+_FIN = {torch.bfloat16: "horizon_nonfinite_bf16", torch.float32: "horizon_nonfinite_f32"}
+
+
+def _tensors(what: str, t) -> list:
+    ts = [t] if isinstance(t, torch.Tensor) else list(t) if isinstance(t, (list, tuple)) else None
+    if ts is None or not all(isinstance(x, torch.Tensor) for x in ts):
+        raise HorizonError(f"{what}: expected a tensor or a list/tuple of tensors, got {type(t).__name__}")
+    for x in ts:
+        if not x.is_floating_point():
+            raise HorizonError(f"{what}: tensors must be floating point, got {x.dtype}")
+    return ts
+
+
+def _blocks(t: torch.Tensor) -> int:
+    sms = torch.cuda.get_device_properties(t.device).multi_processor_count
+    return max(1, min(sms * 4, (t.numel() // 8 + _THREADS - 1) // _THREADS + 1))
+
+
+def _sq_norm_one(t: torch.Tensor) -> torch.Tensor:
+    kernel = _SQ.get(t.dtype)
+    if kernel is not None and t.is_contiguous() and t.numel() > 0 and native.can_launch(t, kernel):
+        blocks = _blocks(t)
+        part = _common.out_empty(blocks, dtype=torch.float32, device=t.device)
+        native.launch(kernel, (blocks,), (_THREADS,), [("ptr", part.data_ptr()), ("ptr", t.data_ptr()), ("i64", t.numel())], device=t.device)
+        # Per-block partials summed in a fixed order: deterministic.
+        return part.sum()
+    return t.detach().float().pow(2).sum()
+
+
+def grad_sq_norm(t) -> torch.Tensor:
+    """Sum of squares (fp32, 0-dim tensor on the tensors' device) of a tensor or a list of
+    tensors; computed on the device, no host synchronisation."""
+    ts = _tensors("grad_sq_norm", t)
+    if not ts:
+        return torch.zeros((), dtype=torch.float32)
+    parts = [_sq_norm_one(x) for x in ts]
+    dev = parts[0].device
+    return torch.stack([p.to(dev) for p in parts]).sum()
+
+
+def all_finite_tensor(t) -> torch.Tensor:
+    """0-dim bool tensor on the device: no NaN/Inf in t (a tensor or a list); no host sync."""
+    ts = _tensors("all_finite", t)
+    if not ts:
+        return torch.ones((), dtype=torch.bool)
+    flags = []
+    for x in ts:
+        kernel = _FIN.get(x.dtype)
+        if kernel is not None and x.is_contiguous() and x.numel() > 0 and native.can_launch(x, kernel):
+            flag = torch.zeros((), dtype=torch.int32, device=x.device)
+            native.launch(kernel, (_blocks(x),), (_THREADS,), [("ptr", flag.data_ptr()), ("ptr", x.data_ptr()), ("i64", x.numel())], device=x.device)
+            flags.append(flag == 0)
+        else:
+            flags.append(torch.isfinite(x.detach()).all())
+    dev = flags[0].device
+    return torch.stack([f.to(dev) for f in flags]).all()
+
+
+def all_finite(t) -> bool:
+    """True when t (a tensor or a list of tensors) has no NaN/Inf; one host sync for the answer."""
+    return bool(all_finite_tensor(t))

@@ -1,0 +1,503 @@
+// flash_moe forward: the whole MoE layer in one persistent launch (see FLASHMOE.md).
+//
+// Phases, separated by grid-wide barriers (the grid is sized by the caller to be co-resident):
+//   1. route   one warp per token: fp32 router logits (bf16 operands), softmax, greedy top-k
+//              (ties to the lowest expert), optional renormalisation.
+//   2. count   the (token, choice) pairs are cut into chunks of 256; a warp per chunk counts
+//              its pairs per expert.
+//   3. scan    block 0: per-expert exclusive prefix over chunks (the chunk's base slot),
+//              capacity, expert offsets and the row-block prefix of the tile list.
+//   4. place   a warp per chunk ranks its pairs inside the chunk in pair order (__match_any),
+//              so slot = (earlier pairs of the same expert): deterministic token order;
+//              kept pairs go to sorted[offset_e + slot].
+//   5. tiles   blocks pull tile indices from an atomic counter. Up tiles (all handed out
+//              first): h = silu(x_rows . w1^T) * (x_rows . w3^T) for 64 slots x 64 columns of
+//              I, rows gathered from x by index. Down tiles: wait on the row block's counter,
+//              then out_pair = h . w2^T (bf16, unscaled: the backward needs it too).
+//   6. combine y[t] = sum_j w[t, j] * out_pair[t, j] in choice order, fp32, to bf16.
+//
+// Tensor cores: mma.sync m16n8k16 bf16 -> fp32 on both sm_80 and sm_90a (a wgmma/TMA path for
+// sm_90a is not written yet). Operands are staged through shared memory by plain 16-byte loads
+// (one shared stage; the next K slice is prefetched into registers during the MMAs). Data written by other blocks during the launch is read with ld.global.cg
+// (L2), never through a possibly stale L1 line.
+#include "common.cuh"
+
+#include <math_constants.h>
+
+namespace {
+using bf16 = __nv_bfloat16;
+
+constexpr int MOE_THREADS = 128;
+constexpr int MOE_WARPS = MOE_THREADS / 32;
+constexpr int MOE_MAX_E = 256;
+constexpr int MOE_MAX_K = 8;
+constexpr int CHUNK = 256;  // pairs per placement chunk (8 warp steps)
+constexpr int BM = 64, BN = 64, BK = 32, SK = BK + 8;  // SK: padded smem row (80 bytes)
+
+struct MoeArgs {
+  bf16* y;
+  const bf16* x;
+  const bf16* wr;
+  const bf16* w1;
+  const bf16* w3;
+  const bf16* w2;
+  float* logits;    // [T, E] fp32
+  int* tope;        // [P] expert of pair p = t*k + j
+  float* topw;      // [P] routing weight
+  int* slot;        // [P] slot in the expert, -1 when dropped
+  int* sorted;      // [P] pair index by (expert offset + slot)
+  int* hist;        // [nchunks, E] per-chunk counts, then per-chunk base slots
+  int* meta;        // off[E+1], rbp[E+1], kept[E], then counters (tile, barrier)
+  int* ready;       // [row blocks] finished up tiles per row block
+  bf16* h;          // [P, I] activations, by sorted position
+  bf16* outp;       // [P, H] unscaled expert outputs, by pair
+  int T, H, I, E, k, cap, renorm;
+};
+
+static __device__ __forceinline__ int ldcg_i(const int* p) { return __ldcg(p); }
+static __device__ __forceinline__ float ldcg_f(const float* p) { return __ldcg(p); }
+
+static __device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+static __device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Grid-wide barrier number `n` (1, 2, ...) on a zeroed counter. Every thread fences its own
+// writes; thread 0 arrives and spins; the block barrier then releases the rest.
+static __device__ void grid_barrier(int* counter, int n) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(counter, 1);
+    const int target = n * (int)gridDim.x;
+    while (*(volatile int*)counter < target) __nanosleep(64);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------- 1. route
+
+static __device__ void route_phase(const MoeArgs& a, float* lg_all) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* lg = lg_all + warp * MOE_MAX_E;
+  const int nwarps = gridDim.x * MOE_WARPS;
+  const int hv = a.H / 8;
+  for (int t = blockIdx.x * MOE_WARPS + warp; t < a.T; t += nwarps) {
+    const bf16* xr = a.x + (long long)t * a.H;
+    for (int e = 0; e < a.E; ++e) {
+      const bf16* wrow = a.wr + (long long)e * a.H;
+      float acc = 0.f;
+      for (int v = lane; v < hv; v += 32) {
+        float xf[8], wf[8];
+        horizon::Vec<bf16>::load(xr + 8 * v, xf);
+        horizon::Vec<bf16>::load(wrow + 8 * v, wf);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc += xf[j] * wf[j];
+      }
+      acc = warp_sum(acc);
+      if (lane == 0) lg[e] = acc;
+    }
+    __syncwarp();
+    float m = -CUDART_INF_F;
+    for (int e = lane; e < a.E; e += 32) {
+      m = fmaxf(m, lg[e]);
+      a.logits[(long long)t * a.E + e] = lg[e];
+    }
+    m = warp_max(m);
+    float s = 0.f;
+    for (int e = lane; e < a.E; e += 32) s += __expf(lg[e] - m);
+    s = warp_sum(s);
+    float chosen_p[MOE_MAX_K];
+    int chosen_e[MOE_MAX_K];
+    float total = 0.f;
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_K; ++j) {
+      chosen_p[j] = 0.f;
+      chosen_e[j] = 0;
+      if (j < a.k) {
+        // Lane-local best, then a warp argmax: larger logit wins, equal logits go to the
+        // lower expert index (the reference's stable sort).
+        float bv = -CUDART_INF_F;
+        int be = 0x7fffffff;
+        for (int e = lane; e < a.E; e += 32) {
+          const float v = lg[e];
+          if (v > bv || (v == bv && e < be)) {
+            bv = v;
+            be = e;
+          }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+          const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+          if (ov > bv || (ov == bv && oe < be)) {
+            bv = ov;
+            be = oe;
+          }
+        }
+        if (be < 0 || be >= a.E) be = 0;  // only if every logit is NaN; keeps indices valid
+        chosen_e[j] = be;
+        chosen_p[j] = __expf(bv - m) / s;
+        total += chosen_p[j];
+        __syncwarp();
+        if (lane == (be & 31)) lg[be] = -CUDART_INF_F;
+        __syncwarp();
+      }
+    }
+    // Unrolled with static indices so chosen_* stay in registers.
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_K; ++j) {
+      if (lane == j && j < a.k) {
+        a.tope[(long long)t * a.k + j] = chosen_e[j];
+        a.topw[(long long)t * a.k + j] = a.renorm ? chosen_p[j] / total : chosen_p[j];
+      }
+    }
+    __syncwarp();
+  }
+}
+
+// ---------------------------------------------------------------- 2-4. count, scan, place
+
+// A warp walks chunk c in pair order; `cnt` (E ints, this warp's) holds running per-expert
+// counts. With `place`, each pair gets its slot and kept pairs are written to `sorted`.
+static __device__ void chunk_walk(const MoeArgs& a, int c, int* cnt, bool place) {
+  const int lane = threadIdx.x & 31;
+  const int P = a.T * a.k;
+  for (int e = lane; e < a.E; e += 32) cnt[e] = 0;
+  __syncwarp();
+  const int* off = a.meta;
+  for (int step = 0; step < CHUNK / 32; ++step) {
+    const int p = c * CHUNK + step * 32 + lane;
+    const int e = p < P ? ldcg_i(a.tope + p) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    const int rank = e >= 0 ? cnt[e] + __popc(peers & ((1u << lane) - 1u)) : 0;
+    __syncwarp();
+    if (e >= 0 && lane == __ffs(peers) - 1) cnt[e] += __popc(peers);
+    __syncwarp();
+    if (place && e >= 0) {
+      const int s = ldcg_i(a.hist + (long long)c * a.E + e) + rank;
+      if (s < a.cap) {
+        a.slot[p] = s;
+        a.sorted[ldcg_i(off + e) + s] = p;
+      } else {
+        a.slot[p] = -1;
+      }
+    }
+  }
+  __syncwarp();
+  if (!place)
+    for (int e = lane; e < a.E; e += 32) a.hist[(long long)c * a.E + e] = cnt[e];
+  __syncwarp();
+}
+
+static __device__ void scan_phase(const MoeArgs& a, int nchunks) {
+  if (blockIdx.x != 0) return;
+  int* off = a.meta;
+  int* rbp = a.meta + a.E + 1;
+  int* kept = a.meta + 2 * (a.E + 1);
+  for (int e = threadIdx.x; e < a.E; e += blockDim.x) {
+    int run = 0;
+    for (int c = 0; c < nchunks; ++c) {
+      int* hp = a.hist + (long long)c * a.E + e;
+      const int v = ldcg_i(hp);
+      *hp = run;
+      run += v;
+    }
+    kept[e] = min(run, a.cap);
+  }
+  __threadfence_block();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int o = 0, r = 0;
+    for (int e = 0; e < a.E; ++e) {
+      off[e] = o;
+      rbp[e] = r;
+      const int n = kept[e];
+      o += n;
+      r += (n + BM - 1) / BM;
+    }
+    off[a.E] = o;
+    rbp[a.E] = r;
+  }
+}
+
+// ---------------------------------------------------------------- 5. tiles
+
+static __device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// 16-byte aligned: tiles are filled with 16-byte stores.
+struct alignas(16) TileSmem {
+  bf16 A[BM][SK];
+  bf16 B0[BN][SK];
+  bf16 B1[BN][SK];
+};
+
+static __device__ __forceinline__ unsigned lds32(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+// One warp's share (32 x 32) of a 64 x 64 tile over one BK slice: acc[mi][ni][4].
+template <bool TWO>
+static __device__ __forceinline__ void mma_slice(const TileSmem& sm, float (&acc0)[2][4][4], float (&acc1)[2][4][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+  const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < BK; kk += 16) {
+    unsigned af[2][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      const int r = wm + mi * 16 + g;
+      af[mi][0] = lds32(&sm.A[r][kk + 2 * q]);
+      af[mi][1] = lds32(&sm.A[r + 8][kk + 2 * q]);
+      af[mi][2] = lds32(&sm.A[r][kk + 2 * q + 8]);
+      af[mi][3] = lds32(&sm.A[r + 8][kk + 2 * q + 8]);
+    }
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const int n = wn + ni * 8 + g;
+      unsigned b0[2] = {lds32(&sm.B0[n][kk + 2 * q]), lds32(&sm.B0[n][kk + 2 * q + 8])};
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) mma16816(acc0[mi][ni], af[mi], b0);
+      if constexpr (TWO) {
+        unsigned b1[2] = {lds32(&sm.B1[n][kk + 2 * q]), lds32(&sm.B1[n][kk + 2 * q + 8])};
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) mma16816(acc1[mi][ni], af[mi], b1);
+      }
+    }
+  }
+}
+
+// 16 bytes of zeros or of src (src == nullptr means out of range).
+static __device__ __forceinline__ uint4 load16(const bf16* src, bool l2_only) {
+  if (src == nullptr) return make_uint4(0u, 0u, 0u, 0u);
+  const uint4* p = reinterpret_cast<const uint4*>(src);
+  return l2_only ? __ldcg(p) : __ldg(p);
+}
+
+// C[m, n] = sum_k A[m, k] * W[n, k] for a 64 x 64 tile: A rows given by `arow` pointers (per
+// thread, its two rows; nullptr = padding row), W rows n0.. of a [N, K] matrix (and W1 when
+// TWO). K % 8 == 0.
+template <bool TWO>
+static __device__ void tile_gemm(TileSmem& sm, const bf16* arow0, const bf16* arow1, bool a_l2, const bf16* W0,
+                                 const bf16* W1, int n0, int N, int K, float (&acc0)[2][4][4],
+                                 float (&acc1)[2][4][4]) {
+  const int tid = threadIdx.x;
+  const int kv = tid & 3;      // which 8-element vector of the BK slice
+  const int r0 = tid >> 2;     // rows r0 and r0 + 32 of A and of W
+  const bf16* w0a = (n0 + r0 < N) ? W0 + (long long)(n0 + r0) * K : nullptr;
+  const bf16* w0b = (n0 + r0 + 32 < N) ? W0 + (long long)(n0 + r0 + 32) * K : nullptr;
+  const bf16* w1a = nullptr;
+  const bf16* w1b = nullptr;
+  if constexpr (TWO) {
+    w1a = (n0 + r0 < N) ? W1 + (long long)(n0 + r0) * K : nullptr;
+    w1b = (n0 + r0 + 32 < N) ? W1 + (long long)(n0 + r0 + 32) * K : nullptr;
+  }
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        acc0[mi][ni][c] = 0.f;
+        acc1[mi][ni][c] = 0.f;
+      }
+  // Register prefetch: the next slice's global loads are in flight while this slice's MMAs run.
+  uint4 va0, va1, vb0, vb1, vc0, vc1;
+  auto fetch = [&](int k0) {
+    const int kc = k0 + kv * 8;
+    const bool kin = kc < K;
+    va0 = load16(kin && arow0 ? arow0 + kc : nullptr, a_l2);
+    va1 = load16(kin && arow1 ? arow1 + kc : nullptr, a_l2);
+    vb0 = load16(kin && w0a ? w0a + kc : nullptr, false);
+    vb1 = load16(kin && w0b ? w0b + kc : nullptr, false);
+    if constexpr (TWO) {
+      vc0 = load16(kin && w1a ? w1a + kc : nullptr, false);
+      vc1 = load16(kin && w1b ? w1b + kc : nullptr, false);
+    }
+  };
+  fetch(0);
+  for (int k0 = 0; k0 < K; k0 += BK) {
+    __syncthreads();  // the previous slice's reads of shared memory are done
+    *reinterpret_cast<uint4*>(&sm.A[r0][kv * 8]) = va0;
+    *reinterpret_cast<uint4*>(&sm.A[r0 + 32][kv * 8]) = va1;
+    *reinterpret_cast<uint4*>(&sm.B0[r0][kv * 8]) = vb0;
+    *reinterpret_cast<uint4*>(&sm.B0[r0 + 32][kv * 8]) = vb1;
+    if constexpr (TWO) {
+      *reinterpret_cast<uint4*>(&sm.B1[r0][kv * 8]) = vc0;
+      *reinterpret_cast<uint4*>(&sm.B1[r0 + 32][kv * 8]) = vc1;
+    }
+    __syncthreads();
+    if (k0 + BK < K) fetch(k0 + BK);
+    mma_slice<TWO>(sm, acc0, acc1);
+  }
+}
+
+static __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
+
+// Finds the expert of global row block rb: the largest e with rbp[e] <= rb (rbp is
+// non-decreasing; empty experts repeat a value and are skipped by taking the largest).
+static __device__ __forceinline__ int expert_of_row_block(const int* rbp, int E, int rb) {
+  int lo = 0, hi = E - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (ldcg_i(rbp + mid) <= rb)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+static __device__ void tiles_phase(const MoeArgs& a, TileSmem& sm, int* tile_counter) {
+  __shared__ int s_tile;
+  const int* off = a.meta;
+  const int* rbp = a.meta + a.E + 1;
+  const int* kept = a.meta + 2 * (a.E + 1);
+  const int R = ldcg_i(rbp + a.E);
+  const int nI = (a.I + BN - 1) / BN, nH = (a.H + BN - 1) / BN;
+  const long long n_up = (long long)R * nI, n_total = n_up + (long long)R * nH;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+  const int g = lane >> 2, q = lane & 3;
+  const int r0 = threadIdx.x >> 2;
+  float acc0[2][4][4], acc1[2][4][4];
+  for (;;) {
+    if (threadIdx.x == 0) s_tile = atomicAdd(tile_counter, 1);
+    __syncthreads();
+    const long long tile = s_tile;
+    __syncthreads();  // everyone has read s_tile before thread 0 may overwrite it
+    if (tile >= n_total) break;
+    const bool up = tile < n_up;
+    const long long local = up ? tile : tile - n_up;
+    const int rb = (int)(local / (up ? nI : nH));
+    const int nt = (int)(local % (up ? nI : nH));
+    const int e = expert_of_row_block(rbp, a.E, rb);
+    const int rb_local = rb - ldcg_i(rbp + e);
+    const int rows = min(BM, ldcg_i(kept + e) - rb_local * BM);
+    const int base = ldcg_i(off + e) + rb_local * BM;  // first sorted position of this block
+    const int n0 = nt * BN;
+    if (up) {
+      const bf16* ar0 = nullptr;
+      const bf16* ar1 = nullptr;
+      if (r0 < rows) ar0 = a.x + (long long)(ldcg_i(a.sorted + base + r0) / a.k) * a.H;
+      if (r0 + 32 < rows) ar1 = a.x + (long long)(ldcg_i(a.sorted + base + r0 + 32) / a.k) * a.H;
+      const long long wofs = (long long)e * a.I * a.H;
+      tile_gemm<true>(sm, ar0, ar1, false, a.w1 + wofs, a.w3 + wofs, n0, a.I, a.H, acc0, acc1);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int r = wm + mi * 16 + g + hh * 8;
+            const int col = n0 + wn + ni * 8 + 2 * q;
+            if (r < rows && col < a.I) {
+              const float v0 = silu(acc0[mi][ni][2 * hh]) * acc1[mi][ni][2 * hh];
+              const float v1 = silu(acc0[mi][ni][2 * hh + 1]) * acc1[mi][ni][2 * hh + 1];
+              *reinterpret_cast<__nv_bfloat162*>(a.h + (long long)(base + r) * a.I + col) =
+                  __floats2bfloat162_rn(v0, v1);
+            }
+          }
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) atomicAdd(a.ready + rb, 1);
+    } else {
+      if (threadIdx.x == 0) {
+        while (*(volatile int*)(a.ready + rb) < nI) __nanosleep(64);
+        __threadfence();
+      }
+      __syncthreads();
+      const bf16* ar0 = r0 < rows ? a.h + (long long)(base + r0) * a.I : nullptr;
+      const bf16* ar1 = r0 + 32 < rows ? a.h + (long long)(base + r0 + 32) * a.I : nullptr;
+      tile_gemm<false>(sm, ar0, ar1, true, a.w2 + (long long)e * a.H * a.I, nullptr, n0, a.H, a.I, acc0, acc1);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int r = wm + mi * 16 + g + hh * 8;
+          if (r >= rows) continue;
+          const long long pair = ldcg_i(a.sorted + base + r);
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni) {
+            const int col = n0 + wn + ni * 8 + 2 * q;
+            if (col < a.H)
+              *reinterpret_cast<__nv_bfloat162*>(a.outp + pair * a.H + col) =
+                  __floats2bfloat162_rn(acc0[mi][ni][2 * hh], acc0[mi][ni][2 * hh + 1]);
+          }
+        }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- 6. combine
+
+static __device__ void combine_phase(const MoeArgs& a) {
+  const int hv = a.H / 8;
+  const long long total = (long long)a.T * hv;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += stride) {
+    const long long t = i / hv;
+    const int v = (int)(i - t * hv);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int j = 0; j < a.k; ++j) {
+      const long long p = t * a.k + j;
+      if (ldcg_i(a.slot + p) < 0) continue;
+      const float w = ldcg_f(a.topw + p);
+      const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(a.outp + p * a.H + 8 * v));
+      float f[8];
+      horizon::unpack8(*reinterpret_cast<const horizon::Bf16x8*>(&raw), f);
+#pragma unroll
+      for (int c = 0; c < 8; ++c) acc[c] += w * f[c];
+    }
+    horizon::Vec<bf16>::store(a.y + t * a.H + 8 * v, acc);
+  }
+}
+
+union alignas(16) MoeSmem {
+  TileSmem tile;
+  float route_logits[MOE_WARPS * MOE_MAX_E];
+  int chunk_counts[MOE_WARPS * MOE_MAX_E];
+};
+
+}  // namespace
+
+// Requirements (checked by the Python side): H % 8 == 0, I % 8 == 0, 1 <= k <= 8, E <= 256,
+// 16-byte aligned contiguous tensors, zeroed meta counters and ready[], a co-resident grid.
+extern "C" __global__ void __launch_bounds__(MOE_THREADS)
+horizon_flash_moe_fwd(bf16* y, const bf16* x, const bf16* wr, const bf16* w1, const bf16* w3, const bf16* w2,
+                      float* logits, int* tope, float* topw, int* slot, int* sorted, int* hist, int* meta, int* ready,
+                      bf16* h, bf16* outp, int T, int H, int I, int E, int k, int cap, int renorm) {
+  __shared__ MoeSmem smem;
+  MoeArgs a{y, x, wr, w1, w3, w2, logits, tope, topw, slot, sorted, hist, meta, ready, h, outp,
+            T, H, I, E, k, cap, renorm};
+  int* counters = meta + 3 * E + 2;  // [0] tile queue, [1] grid barrier
+  const int P = T * k;
+  const int nchunks = (P + CHUNK - 1) / CHUNK;
+  const int warp = threadIdx.x >> 5;
+  const int gw = blockIdx.x * MOE_WARPS + warp, nw = gridDim.x * MOE_WARPS;
+
+  route_phase(a, smem.route_logits);
+  grid_barrier(counters + 1, 1);
+  for (int c = gw; c < nchunks; c += nw) chunk_walk(a, c, smem.chunk_counts + warp * MOE_MAX_E, false);
+  grid_barrier(counters + 1, 2);
+  scan_phase(a, nchunks);
+  grid_barrier(counters + 1, 3);
+  for (int c = gw; c < nchunks; c += nw) chunk_walk(a, c, smem.chunk_counts + warp * MOE_MAX_E, true);
+  grid_barrier(counters + 1, 4);
+  tiles_phase(a, smem.tile, counters);
+  grid_barrier(counters + 1, 5);
+  combine_phase(a);
+}
