@@ -246,3 +246,11 @@ pub fn host_unregister(ptr: *mut u8) -> Result<()> {
     // SAFETY: ptr was registered by host_register.
     check(unsafe { sys::cuMemHostUnregister(ptr as *mut c_void).result() }, "cuMemHostUnregister")
 }
+
+/// Blocks the calling (worker) thread until `event` (a raw `CUevent`/`cudaEvent_t`, e.g.
+/// torch's `Event.cuda_event`) has completed. Only this thread waits; the device goes on.
+pub fn event_synchronize(event: u64, device: i32) -> Result<()> {
+    ensure_context(device)?;
+    // SAFETY: the caller keeps the event alive until this returns.
+    check(unsafe { sys::cuEventSynchronize(event as sys::CUevent).result() }, "cuEventSynchronize")
+}

@@ -2,6 +2,7 @@
 //! submodule registers the functions of one room of the crate.
 
 mod foundation;
+mod pipeline;
 mod store;
 
 use pyo3::exceptions::PyRuntimeError;
@@ -41,5 +42,6 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", crate::VERSION)?;
     foundation::register(m)?;
     store::register(m)?;
+    pipeline::register(m)?;
     Ok(())
 }

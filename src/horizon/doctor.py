@@ -23,6 +23,12 @@ def collect() -> dict:
     except Exception as e:  # torch missing or broken: report, do not crash
         info["torch_version"] = None
         info["torch_error"] = f"{type(e).__name__}: {e}"
+    try:
+        from .store import probe
+
+        info["host_store"] = probe()
+    except Exception as e:  # report, never crash
+        info["host_store"] = {"error": f"{type(e).__name__}: {e}"}
     archs: dict[str, list[str]] = {}
     for k in info["kernels"]:
         archs.setdefault(k["name"], []).append(k["arch"])
@@ -51,6 +57,14 @@ def render(info: dict) -> str:
         lines.append(
             f"NUMA node {n['id']:<4} {len(cpus)} CPUs ({_cpus(cpus)}), {_gib(n['memory_total_bytes'])} memory"
         )
+    hs = info.get("host_store") or {}
+    if "error" in hs:
+        lines.append(f"host store     probe failed: {hs['error']}")
+    elif hs:
+        bind = f"bound to node {hs['numa_node']}" if hs.get("bound") else f"not bound ({hs.get('bind_note')})"
+        huge = "huge pages requested" if hs.get("huge_pages_requested") else f"no huge pages ({hs.get('huge_pages_note')})"
+        pin = f"{hs.get('pinned_bytes', 0)} bytes pinned" if hs.get("pinned_bytes") else hs.get("pin_note") or "not pinned"
+        lines.append(f"host store     {bind}; {huge}; {pin}")
     if info["cuda_driver_present"]:
         lines.append(f"CUDA driver    present, version {_driver(info['cuda_driver_version'])}")
     else:

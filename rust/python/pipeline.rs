@@ -1,0 +1,228 @@
+//! Bindings of the transfer pipeline: slot rings, lanes and their tickets.
+
+use super::{err, guard};
+use crate::adam::AdamParams;
+use crate::pipeline::{lane::RawPtr, lane::Step, Job, Lane, SlotRing, Ticket};
+use pyo3::prelude::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[pyclass(name = "SlotRing", module = "horizon._native", frozen)]
+pub struct PySlotRing {
+    ring: Arc<SlotRing>,
+}
+
+#[pymethods]
+impl PySlotRing {
+    #[new]
+    fn new(n: usize) -> PyResult<Self> {
+        if n == 0 {
+            return Err(err("SlotRing needs at least one slot"));
+        }
+        Ok(PySlotRing { ring: Arc::new(SlotRing::new(n)) })
+    }
+
+    /// A free slot, or None when none became free within `timeout_s` seconds.
+    fn acquire(&self, py: Python<'_>, timeout_s: f64) -> Option<usize> {
+        let ring = self.ring.clone();
+        py.allow_threads(move || ring.acquire(Duration::from_secs_f64(timeout_s.max(0.0))))
+    }
+
+    fn try_acquire(&self) -> Option<usize> {
+        self.ring.try_acquire()
+    }
+
+    fn release(&self, slot: usize) -> PyResult<()> {
+        self.ring.release(slot).map_err(err)
+    }
+
+    #[getter]
+    fn free_count(&self) -> usize {
+        self.ring.free_count()
+    }
+
+    fn __len__(&self) -> usize {
+        self.ring.len()
+    }
+}
+
+#[pyclass(name = "Ticket", module = "horizon._native", frozen)]
+#[derive(Clone)]
+pub struct PyTicket {
+    t: Ticket,
+}
+
+#[pymethods]
+impl PyTicket {
+    /// Blocks (without the GIL) until the job has run; raises the lane's error if one failed.
+    fn wait(&self, py: Python<'_>) -> PyResult<()> {
+        let t = self.t.clone();
+        py.allow_threads(move || t.wait()).map_err(err)
+    }
+
+    #[getter]
+    fn done(&self) -> bool {
+        self.t.is_done()
+    }
+}
+
+/// Worker lanes: `h2d` (weight copies on the CPU device), `d2h` (gradient landing copies)
+/// and `optimizer` (AdamW and accumulation into host gradient buffers).
+#[pyclass(name = "Pipeline", module = "horizon._native", frozen)]
+pub struct PyPipeline {
+    h2d: Lane,
+    d2h: Lane,
+    optimizer: Lane,
+}
+
+fn deps(after: Option<Vec<PyRef<'_, PyTicket>>>) -> Vec<Ticket> {
+    after.unwrap_or_default().iter().map(|t| t.t.clone()).collect()
+}
+
+fn release_of(release: Option<(PyRef<'_, PySlotRing>, usize)>) -> PyResult<Option<(Arc<SlotRing>, usize)>> {
+    match release {
+        None => Ok(None),
+        Some((r, i)) if i < r.ring.len() => Ok(Some((r.ring.clone(), i))),
+        Some((r, i)) => Err(err(format!("slot {i} out of range (ring of {})", r.ring.len()))),
+    }
+}
+
+impl PyPipeline {
+    fn lane(&self, name: &str) -> PyResult<&Lane> {
+        match name {
+            "h2d" => Ok(&self.h2d),
+            "d2h" => Ok(&self.d2h),
+            "optimizer" => Ok(&self.optimizer),
+            _ => Err(err(format!("unknown lane {name:?} (h2d, d2h, optimizer)"))),
+        }
+    }
+}
+
+#[pymethods]
+impl PyPipeline {
+    #[new]
+    fn new() -> Self {
+        PyPipeline { h2d: Lane::new("h2d"), d2h: Lane::new("d2h"), optimizer: Lane::new("optimizer") }
+    }
+
+    /// Queues a host memcpy on `lane`. The caller keeps both buffers alive until the ticket is done.
+    #[pyo3(signature = (lane, dst, src, nbytes, *, after=None, cuda_event=None, release=None))]
+    fn copy(
+        &self,
+        lane: &str,
+        dst: usize,
+        src: usize,
+        nbytes: usize,
+        after: Option<Vec<PyRef<'_, PyTicket>>>,
+        cuda_event: Option<(u64, i32)>,
+        release: Option<(PyRef<'_, PySlotRing>, usize)>,
+    ) -> PyResult<PyTicket> {
+        if nbytes > 0 && (dst == 0 || src == 0) {
+            return Err(err("copy: null pointer"));
+        }
+        let step = Step {
+            job: Job::Copy { dst: RawPtr(dst), src: RawPtr(src), bytes: nbytes },
+            after: deps(after),
+            cuda_event,
+            release: release_of(release)?,
+        };
+        Ok(PyTicket { t: self.lane(lane)?.submit(step) })
+    }
+
+    /// Queues AdamW over `n` fp32 elements on the optimizer lane (`w_bf16` = 0: no bf16 copy).
+    #[pyo3(signature = (p, g, m, v, w_bf16, n, *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, skip_nonfinite=false, after=None, cuda_event=None, release=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn adam(
+        &self,
+        p: usize,
+        g: usize,
+        m: usize,
+        v: usize,
+        w_bf16: usize,
+        n: usize,
+        step: u64,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        grad_scale: f32,
+        skip_nonfinite: bool,
+        after: Option<Vec<PyRef<'_, PyTicket>>>,
+        cuda_event: Option<(u64, i32)>,
+        release: Option<(PyRef<'_, PySlotRing>, usize)>,
+    ) -> PyResult<PyTicket> {
+        if n > 0 && (p == 0 || g == 0 || m == 0 || v == 0) {
+            return Err(err("adam: null pointer"));
+        }
+        if step == 0 {
+            return Err(err("adam: step counts from 1"));
+        }
+        let hp = AdamParams { lr, beta1, beta2, eps, weight_decay, step, grad_scale };
+        let job = Job::Adam { p: RawPtr(p), g: RawPtr(g), m: RawPtr(m), v: RawPtr(v), w_bf16: RawPtr(w_bf16), n, hp, skip_nonfinite };
+        let s = Step { job, after: deps(after), cuda_event, release: release_of(release)? };
+        Ok(PyTicket { t: self.optimizer.submit(s) })
+    }
+
+    /// Queues dst += src over `n` fp32 elements on `lane`.
+    #[pyo3(signature = (lane, dst, src, n, *, after=None, cuda_event=None, release=None))]
+    fn accumulate(
+        &self,
+        lane: &str,
+        dst: usize,
+        src: usize,
+        n: usize,
+        after: Option<Vec<PyRef<'_, PyTicket>>>,
+        cuda_event: Option<(u64, i32)>,
+        release: Option<(PyRef<'_, PySlotRing>, usize)>,
+    ) -> PyResult<PyTicket> {
+        if n > 0 && (dst == 0 || src == 0) {
+            return Err(err("accumulate: null pointer"));
+        }
+        let s = Step {
+            job: Job::Accumulate { dst: RawPtr(dst), src: RawPtr(src), n },
+            after: deps(after),
+            cuda_event,
+            release: release_of(release)?,
+        };
+        Ok(PyTicket { t: self.lane(lane)?.submit(s) })
+    }
+
+    /// A ticket that is done once every job queued on `lane` so far has run (and, when given,
+    /// the CUDA event has completed).
+    #[pyo3(signature = (lane, *, cuda_event=None))]
+    fn marker(&self, lane: &str, cuda_event: Option<(u64, i32)>) -> PyResult<PyTicket> {
+        let s = Step { job: Job::Marker, after: vec![], cuda_event, release: None };
+        Ok(PyTicket { t: self.lane(lane)?.submit(s) })
+    }
+
+    /// Waits for every lane to run what it has been given.
+    fn drain(&self, py: Python<'_>) -> PyResult<()> {
+        guard("Pipeline.drain", || {
+            py.allow_threads(|| {
+                self.h2d.drain()?;
+                self.d2h.drain()?;
+                self.optimizer.drain()
+            })
+            .map_err(err)
+        })
+    }
+
+    /// AdamW jobs skipped so far because their gradient was not finite.
+    #[getter]
+    fn skipped_updates(&self) -> u64 {
+        self.optimizer.state.skipped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Seconds `lane`'s worker spent running jobs.
+    fn busy_seconds(&self, lane: &str) -> PyResult<f64> {
+        Ok(self.lane(lane)?.state.busy_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9)
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PySlotRing>()?;
+    m.add_class::<PyTicket>()?;
+    m.add_class::<PyPipeline>()?;
+    Ok(())
+}
