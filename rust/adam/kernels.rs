@@ -25,34 +25,23 @@ pub struct Consts {
     pub grad_scale: f32,
 }
 
-/// The f64 a hyper-parameter was written as: the shortest decimal that rounds to the f32.
-/// torch computes `1 - beta`, `1 - beta**t` and `lr / bc1` from the Python (f64) value; from
-/// the f32 widened as is, `1 - 0.999` would come out 1.3e-5 (relative) away from torch's.
-pub fn widen(x: f32) -> f64 {
-    if !x.is_finite() {
-        return x as f64;
-    }
-    // Rust's Display of f32 prints the shortest round-tripping decimal.
-    format!("{x}").parse::<f64>().unwrap_or(x as f64)
-}
-
 impl Consts {
     pub fn new(hp: &super::AdamParams) -> Consts {
-        let (b1, b2) = (widen(hp.beta1), widen(hp.beta2));
+        let (b1, b2) = (hp.beta1, hp.beta2);
         let t = hp.step as f64;
         let bc1 = 1.0 - b1.powf(t);
         let bc2 = 1.0 - b2.powf(t);
-        let lr = widen(hp.lr);
+        let lr = hp.lr;
         Consts {
-            b1: hp.beta1,
+            b1: hp.beta1 as f32,
             omb1: (1.0 - b1) as f32,
-            b2: hp.beta2,
+            b2: hp.beta2 as f32,
             omb2: (1.0 - b2) as f32,
-            eps: hp.eps,
+            eps: hp.eps as f32,
             neg_step_size: (-(lr / bc1)) as f32,
             inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
-            decay: (1.0 - lr * widen(hp.weight_decay)) as f32,
-            grad_scale: hp.grad_scale,
+            decay: (1.0 - lr * hp.weight_decay) as f32,
+            grad_scale: hp.grad_scale as f32,
         }
     }
 }
@@ -216,15 +205,8 @@ pub mod x86 {
         if next == start {
             next = (start + 16).min(end);
         }
-        let pf = super::pf_dist();
         while i < end {
             let k: __mmask16 = if next - i >= 16 { 0xFFFF } else { (1u16 << (next - i)) - 1 };
-            if pf > 0 {
-                _mm_prefetch::<_MM_HINT_T0>(b.g.wrapping_add(i + pf) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(b.p.wrapping_add(i + pf) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(b.m.wrapping_add(i + pf) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(b.v.wrapping_add(i + pf) as *const i8);
-            }
             let gs = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, b.g.add(i)), gsc);
             let m = _mm512_fmadd_ps(b1, _mm512_maskz_loadu_ps(k, b.m.add(i)), _mm512_mul_ps(omb1, gs));
             let v = _mm512_fmadd_ps(b2, _mm512_maskz_loadu_ps(k, b.v.add(i)), _mm512_mul_ps(_mm512_mul_ps(omb2, gs), gs));
@@ -345,9 +327,4 @@ pub unsafe fn roof_scalar(b: Bufs, start: usize, end: usize) {
             *b.w.add(i) = (p >> 16) as u16;
         }
     }
-}
-
-pub fn pf_dist() -> usize {
-    static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *D.get_or_init(|| std::env::var("HZ_PF").ok().and_then(|s| s.parse().ok()).unwrap_or(0))
 }

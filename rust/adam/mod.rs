@@ -14,17 +14,19 @@ use kernels::{Bufs, Consts};
 pub use pool::Pool;
 use simd::SimdLevel;
 
+/// Hyper-parameters in f64, as Python (and torch) hold them: the per-step constants are
+/// derived in f64 once, then rounded to f32 for the element loop.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamParams {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
     /// 1-based: the step being taken (torch increments before the update).
     pub step: u64,
     /// Multiplies the gradient before use (1.0, or max_norm / norm when clipping).
-    pub grad_scale: f32,
+    pub grad_scale: f64,
 }
 
 impl Default for AdamParams {

@@ -231,16 +231,10 @@ fn memory_roof_touches_every_element() {
 }
 
 #[test]
-fn hyper_parameters_widen_to_the_decimal_they_were_written_as() {
-    assert_eq!(kernels::widen(0.999), 0.999f64);
-    assert_eq!(kernels::widen(1e-3), 1e-3f64);
-    assert_eq!(kernels::widen(0.0), 0.0);
-    // what torch computes from the Python float
+fn constants_are_derived_in_f64_like_torch() {
+    // torch computes 1 - beta2 from the Python float; so must we
     let c = kernels::Consts::new(&AdamParams { beta2: 0.999, ..Default::default() });
     assert_eq!(c.omb2, (1.0f64 - 0.999) as f32);
-    for x in [0.1f32, 0.95, 3e-4, 1.0 / 3.0, f32::MIN_POSITIVE, 123456.79] {
-        assert_eq!(kernels::widen(x) as f32, x, "widening must round-trip {x}");
-    }
 }
 
 #[test]

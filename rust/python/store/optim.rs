@@ -82,15 +82,7 @@ fn adamw_step_raw(
             return Ok(());
         }
         check_step_buffers(p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, n)?;
-        let hp = AdamParams {
-            lr: lr as f32,
-            beta1: beta1 as f32,
-            beta2: beta2 as f32,
-            eps: eps as f32,
-            weight_decay: weight_decay as f32,
-            step,
-            grad_scale: grad_scale as f32,
-        };
+        let hp = AdamParams { lr, beta1, beta2, eps, weight_decay, step, grad_scale };
         py.allow_threads(|| {
             // SAFETY: Python checked sizes and dtypes and keeps the tensors alive for the
             // call; the ranges are non-null, aligned and pairwise disjoint (checked above).
