@@ -8,8 +8,20 @@ import sys
 from . import __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """An unknown command or flag prints the usage and the error (exit 2); a bad value for a
+    known option is one line (exit 2), the full usage staying behind --help."""
+
+    _USAGE_ERRORS = ("unrecognized arguments", "invalid choice", "the following arguments are required")
+
+    def error(self, message):
+        if any(e in message for e in self._USAGE_ERRORS):
+            self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="horizon",
         description="Train large language models on one GPU node, host RAM as the home of the model.",
     )

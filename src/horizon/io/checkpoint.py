@@ -1,0 +1,223 @@
+"""Training checkpoints: master weights and optimizer state in safetensors, plus a JSON record
+of everything else a bit-identical resume needs (step, data position, RNG states, config, lr
+schedule).
+
+Layout under a run directory:
+
+    checkpoints/step-000004/state.safetensors   every flat master / exp_avg / exp_avg_sq buffer
+    checkpoints/step-000004/meta.json
+    checkpoints/latest                          the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary directory beside the others, every file fsynced, then
+renamed into place and the directory fsynced; `latest` is replaced the same way. A failure at any
+point (a full disk) leaves the previous checkpoints and `latest` untouched. The safetensors file
+is streamed tensor by tensor, so saving never holds a second copy of the model state in memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+
+from ..errors import HorizonError
+
+STATE_FILE = "state.safetensors"
+META_FILE = "meta.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+_DTYPES = None
+
+
+def _dtype_names():
+    global _DTYPES
+    if _DTYPES is None:
+        import torch
+
+        _DTYPES = {
+            torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+            torch.uint8: "U8", torch.bool: "BOOL",
+        }
+    return _DTYPES
+
+
+def checkpoints_dir(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{int(step):06d}"
+
+
+def _write_bytes(f, data) -> None:
+    """The one place checkpoint bytes hit the file (tests replace it to simulate a full disk)."""
+    f.write(data)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Streams `tensors` (name -> CPU tensor) into a safetensors file and fsyncs it."""
+    import torch
+
+    names = _dtype_names()
+    entries, offset, prepared = {}, 0, []
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        if t.dtype not in names:
+            raise HorizonError(f"cannot checkpoint tensor {name!r} of dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        entries[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        prepared.append(t)
+    if metadata:
+        entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format wants the data aligned to 8 bytes
+    with open(path, "wb") as f:
+        _write_bytes(f, struct.pack("<Q", len(header)))
+        _write_bytes(f, header)
+        for t in prepared:
+            if t.numel():
+                _write_bytes(f, memoryview(t.view(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            _write_bytes(f, text.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _describe_os_error(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    return e.strerror or str(e)
+
+
+def save_checkpoint(run_dir, step: int, tensors: dict, meta: dict, keep: int | None = None) -> Path:
+    """Writes checkpoint `step` atomically and points `latest` at it; keeps the newest `keep`
+    checkpoints (all when None). Raises HorizonError (one line) when it cannot be written; the
+    previous checkpoints are then intact."""
+    root = checkpoints_dir(run_dir)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        write_safetensors(tmp / STATE_FILE, tensors, {"format": "pt", "step": step})
+        with open(tmp / META_FILE, "wb") as f:
+            _write_bytes(f, json.dumps(dict(meta, step=step), indent=1, sort_keys=True).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():  # re-saving a step (after a resume): swap, then drop the old copy
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_text_atomic(root / LATEST, final.name + "\n")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HorizonError(
+            f"could not write checkpoint {final} ({_describe_os_error(e)}); the previous checkpoint is intact"
+        ) from None
+    except BaseException:  # interrupted: leave no half-written directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None and keep > 0:
+        steps = sorted(list_checkpoints(run_dir))
+        for s in steps[:-keep]:
+            if s != step:
+                shutil.rmtree(root / step_dir_name(s), ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir) -> list[int]:
+    """Steps of the complete checkpoints under `run_dir` (both files present)."""
+    root = checkpoints_dir(run_dir)
+    out = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = _STEP_DIR.match(d.name)
+            if m and (d / STATE_FILE).is_file() and (d / META_FILE).is_file():
+                out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The newest complete checkpoint: the one `latest` names, else the highest step found."""
+    root = checkpoints_dir(run_dir)
+    try:
+        name = (root / LATEST).read_text().strip()
+        d = root / name
+        if _STEP_DIR.match(name) and (d / STATE_FILE).is_file() and (d / META_FILE).is_file():
+            return d
+    except OSError:
+        pass
+    steps = list_checkpoints(run_dir)
+    return root / step_dir_name(steps[-1]) if steps else None
+
+
+def read_meta(path) -> dict:
+    """The JSON record of one checkpoint directory. HorizonError when missing or corrupt."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError:
+        raise HorizonError(f"checkpoint {path} has no {META_FILE}") from None
+    except (OSError, ValueError) as e:
+        raise HorizonError(f"checkpoint {path}: cannot read {META_FILE} ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise HorizonError(f"checkpoint {path}: {META_FILE} is not a Horizon checkpoint record")
+    return meta
+
+
+def load_checkpoint(path) -> tuple[dict, dict]:
+    """(tensors, meta) of one checkpoint directory. HorizonError when missing or corrupt."""
+    path = Path(path)
+    meta = read_meta(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path / STATE_FILE))
+    except FileNotFoundError:
+        raise HorizonError(f"checkpoint {path} has no {STATE_FILE}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise HorizonError(f"checkpoint {path}: {STATE_FILE} is corrupt ({e})") from None
+    return tensors, meta
