@@ -267,14 +267,10 @@ def _make_trainer(src: ModelSource, c: TrainConfig, factory=None):
     Trainer = factory or horizon.Trainer
     kw = dict(device=c.device, compute_dtype=c.compute_dtype, lr=c.lr_at(0), weight_decay=c.weight_decay,
               betas=(c.beta1, c.beta2), eps=c.eps, grad_clip=c.grad_clip, micro_batch_size=c.micro_batch_size)
-    from safetensors import SafetensorError
-
     try:
         if src.model_dir is not None:
             return Trainer.from_pretrained(str(src.model_dir), **kw)
         return Trainer.from_config(src.config, seed=c.seed, **kw)
-    except SafetensorError as e:
-        raise HorizonError(f"model directory {str(src.model_dir)!r}: corrupt *.safetensors weights ({e})") from None
     except NotImplementedError as e:
         arch = (src.config.get("architectures") or ["?"])[0]
         raise HorizonError(f"{arch} is not supported by the trainer yet: {e}") from None

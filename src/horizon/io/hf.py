@@ -11,6 +11,8 @@ from typing import Iterable
 
 import torch
 
+from safetensors import SafetensorError
+
 from ..errors import HorizonError
 
 CONFIG = "config.json"
@@ -71,29 +73,36 @@ def load_tensors(model_dir, destinations: dict[str, torch.Tensor], *, optional: 
     a checkpoint tensor without a destination is an error, so a mismatched architecture
     cannot load silently.
     """
-    from safetensors import safe_open
-
     optional = set(optional)
     seen = set()
     for file in weight_files(model_dir):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                if name not in destinations:
-                    raise HorizonError(f"{file.name}: unexpected tensor {name!r} for this architecture")
-                src = f.get_tensor(name)
-                dst = destinations[name]
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise HorizonError(
-                        f"{file.name}: tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
-                    )
-                with torch.no_grad():
-                    dst.copy_(src)
-                seen.add(name)
+        try:
+            _load_file(file, destinations, seen)
+        except SafetensorError as e:
+            raise HorizonError(f"model directory {str(model_dir)!r}: corrupt *.safetensors weights in {file.name} ({e})") from None
     missing = sorted(set(destinations) - seen - optional)
     if missing:
         raise HorizonError(f"checkpoint in {str(model_dir)!r} lacks tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def _load_file(file: Path, destinations: dict, seen: set) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        for name in f.keys():
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if name not in destinations:
+                raise HorizonError(f"{file.name}: unexpected tensor {name!r} for this architecture")
+            src = f.get_tensor(name)
+            dst = destinations[name]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise HorizonError(
+                    f"{file.name}: tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
+                )
+            with torch.no_grad():
+                dst.copy_(src)
+            seen.add(name)
 
 
 def save(model_dir, config: dict, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float32,
