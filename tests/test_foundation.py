@@ -114,3 +114,17 @@ def test_accumulate_kernel_matches_torch(n):
     ref2 = accumulate_grad_reference(acc2.clone(), grad2, -2.0)
     accumulate_grad_(acc2, grad2, -2.0)
     torch.testing.assert_close(acc2, ref2, rtol=1e-6, atol=1e-6)
+
+
+def test_occupancy_query_without_a_driver_is_a_clear_error():
+    if _native.cuda_driver_present():
+        pytest.skip("a CUDA driver is present")
+    with pytest.raises(horizon.HorizonError, match="no CUDA driver|no kernels"):
+        _native.max_active_blocks_per_sm("horizon_acc_bf16_to_f32", 256, 0)
+
+
+@pytest.mark.gpu
+def test_occupancy_query_reports_co_resident_blocks():
+    torch.zeros(1, device="cuda")  # torch's context is current
+    n = _native.max_active_blocks_per_sm("horizon_acc_bf16_to_f32", 256, 0, torch.cuda.current_device())
+    assert 1 <= n <= 32

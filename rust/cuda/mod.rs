@@ -254,3 +254,17 @@ pub fn event_synchronize(event: u64, device: i32) -> Result<()> {
     // SAFETY: the caller keeps the event alive until this returns.
     check(unsafe { sys::cuEventSynchronize(event as sys::CUevent).result() }, "cuEventSynchronize")
 }
+
+/// Blocks of `name` that fit on one SM at once with `block_threads` threads and
+/// `shared_mem` bytes of dynamic shared memory: sizes persistent grids so every block is
+/// co-resident (a grid barrier inside the kernel relies on it).
+pub fn max_active_blocks_per_sm(name: &str, block_threads: i32, shared_mem: usize, device: i32) -> Result<i32> {
+    let f = function(name, device)?;
+    let mut n = 0i32;
+    // SAFETY: f is a valid function handle; writes one int.
+    check(
+        unsafe { sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(&mut n, f, block_threads, shared_mem).result() },
+        "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+    )?;
+    Ok(n)
+}

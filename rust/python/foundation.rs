@@ -102,6 +102,15 @@ fn launch(
     })
 }
 
+/// Blocks of kernel `name` that fit on one SM at once (for sizing persistent grids).
+#[pyfunction]
+#[pyo3(signature = (name, block_threads, shared_mem, device=0))]
+fn max_active_blocks_per_sm(name: &str, block_threads: i32, shared_mem: usize, device: i32) -> PyResult<i32> {
+    guard("max_active_blocks_per_sm", || {
+        cuda::max_active_blocks_per_sm(name, block_threads, shared_mem, device).map_err(|e| err(e.to_string()))
+    })
+}
+
 /// Raises a Rust panic inside the guard: lets the tests show a panic becomes a HorizonError.
 #[pyfunction]
 fn _panic_for_test(message: String) -> PyResult<()> {
@@ -114,6 +123,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ptxas_report, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_driver_present, m)?)?;
     m.add_function(wrap_pyfunction!(launch, m)?)?;
+    m.add_function(wrap_pyfunction!(max_active_blocks_per_sm, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     Ok(())
 }
