@@ -10,24 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 
-
-def _time_ms(fn, iters=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+from cuda_timing import median_ms
 
 
 def main() -> int:
@@ -43,14 +30,14 @@ def main() -> int:
     n = 1 << 28  # 1 GiB of fp32 per buffer: well past L2
     src = torch.empty(n, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src))
+    ms = median_ms(lambda: dst.copy_(src))
     res["d2d_copy_GBps"] = 2 * n * 4 / ms / 1e6  # bytes read + written
     del src, dst
 
     m = k = nn = 8192
     a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     b = torch.randn(k, nn, device=dev, dtype=torch.bfloat16)
-    ms = _time_ms(lambda: a @ b)
+    ms = median_ms(lambda: a @ b)
     res["bf16_matmul_TFLOPs"] = 2 * m * k * nn / ms / 1e9
     del a, b
 
@@ -62,9 +49,9 @@ def main() -> int:
     pinned.fill_(1.0)
     pageable = torch.ones(nbytes // 4, dtype=torch.float32)
     for name, host in (("arena_pinned", pinned), ("pageable", pageable)):
-        ms = _time_ms(lambda: gpu.copy_(host, non_blocking=True), iters=10)
+        ms = median_ms(lambda: gpu.copy_(host, non_blocking=True), iters=10)
         res[f"h2d_{name}_GBps"] = nbytes / ms / 1e6
-        ms = _time_ms(lambda: host.copy_(gpu, non_blocking=True), iters=10)
+        ms = median_ms(lambda: host.copy_(gpu, non_blocking=True), iters=10)
         res[f"d2h_{name}_GBps"] = nbytes / ms / 1e6
     res["h2d_pinned_over_pageable"] = res["h2d_arena_pinned_GBps"] / res["h2d_pageable_GBps"]
 

@@ -9,24 +9,11 @@ import argparse
 import json
 import sys
 
+from cuda_timing import median_ms
+
 
 def bench(fn, iters=50, warmup=10):
-    """Median milliseconds of fn() by CUDA events."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    return median_ms(fn, iters=iters, warmup=warmup)
 
 
 def compiled(fn):

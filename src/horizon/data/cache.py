@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import HorizonError
 from .sources import read_documents
 from .tokenizer import TextTokenizer
+from ..io.files import fsync_dir as _fsync_dir
 
 CACHE_VERSION = 2
 _ENCODE_BATCH = 256
@@ -129,19 +130,6 @@ def _tokenise(data: Path, tok: TextTokenizer):
     ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.uint32)
     mask = np.concatenate(mask_parts) if any_masked else None
     return ids, mask, content[0]
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(path: Path, chunks) -> None:

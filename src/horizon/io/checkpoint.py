@@ -25,6 +25,7 @@ import struct
 from pathlib import Path
 
 from ..errors import HorizonError
+from .files import fsync_dir as _fsync_dir
 
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
@@ -58,19 +59,6 @@ def step_dir_name(step: int) -> str:
 def _write_bytes(f, data) -> None:
     """The one place checkpoint bytes hit the file (tests replace it to simulate a full disk)."""
     f.write(data)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
 
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
