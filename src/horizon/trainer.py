@@ -60,12 +60,15 @@ class Trainer:
     """Trains a Llama-family model whose home is host RAM (fp32 master + AdamW state in
     Rust-owned slabs); the device streams layers in and gradients out, one layer at a time.
 
-    Build with `Trainer.from_pretrained(dir)` or `Trainer.from_config(config_dict)`.
+    Build with `Trainer.from_pretrained(dir)` or `Trainer.from_config(config_dict)`. Inside an
+    initialised torch.distributed process group it trains data parallel, with the optimizer
+    state sharded across the ranks (`data_parallel`; docs/distributed.md).
     """
 
     def __init__(self, spec, *, device="auto", compute_dtype=None, lr=1e-4, weight_decay=0.0,
                  betas=(0.9, 0.999), eps=1e-8, grad_clip=None, micro_batch_size=None,
-                 track_grad_norm=True, n_slots=2, offload_checkpoints=None, _init=None):
+                 track_grad_norm=True, n_slots=2, offload_checkpoints=None, data_parallel=None, _init=None):
+        from . import distributed as hdist
         from .engine import HostModel, LayerMajorEngine
 
         self.device = _resolve_device(device)
@@ -90,15 +93,35 @@ class Trainer:
         if offload_checkpoints not in (None, True, False):
             raise HorizonError(f"offload_checkpoints must be None, True or False, got {offload_checkpoints!r}")
 
+        if data_parallel not in (None, True, False):
+            raise HorizonError(f"data_parallel must be None (auto), True or False, got {data_parallel!r}")
+        if data_parallel is None:  # auto: data parallel inside an initialised process group
+            data_parallel = hdist.is_initialized()
+        if data_parallel and not hdist.is_initialized():
+            raise HorizonError("data_parallel=True needs an initialised torch.distributed process group "
+                               "(call horizon.distributed.init_from_env() under torchrun)")
+        self.data_parallel = bool(data_parallel)
+        self.rank = hdist.rank() if self.data_parallel else 0
+        self.world_size = hdist.world_size() if self.data_parallel else 1
+
         self.spec = spec
-        self.model = HostModel(spec, with_grad=self.grad_clip is not None, pin=self.device.type == "cuda")
+        with_grad, pin = self.grad_clip is not None, self.device.type == "cuda"
+        engine_kwargs = dict(grad_clip=self.grad_clip, track_grad_norm=bool(track_grad_norm), n_slots=n_slots,
+                             offload_checkpoints=offload_checkpoints)
+        if self.data_parallel:
+            # docs/distributed.md: each rank holds its shard of the optimizer state.
+            from .engine.distributed import DataParallelEngine, ShardedHostModel
+
+            if hdist.backend() == "nccl" and self.device.type != "cuda":
+                raise HorizonError(f"the process group uses NCCL, which needs a CUDA device; got device {device!r}")
+            self.model = ShardedHostModel(spec, with_grad=with_grad, pin=pin, compute_dtype=self.compute_dtype)
+        else:
+            self.model = HostModel(spec, with_grad=with_grad, pin=pin)
         if _init is not None:
             _init(self.model)
         self.model.sync_bf16_()
-        self.engine = LayerMajorEngine(
-            self.model, self.device, self.compute_dtype, grad_clip=self.grad_clip,
-            track_grad_norm=bool(track_grad_norm), n_slots=n_slots, offload_checkpoints=offload_checkpoints,
-        )
+        engine_cls = DataParallelEngine if self.data_parallel else LayerMajorEngine
+        self.engine = engine_cls(self.model, self.device, self.compute_dtype, **engine_kwargs)
         self.step = 0
         self.last_grad_norm = None
         self.last_loss = None
@@ -205,8 +228,11 @@ class Trainer:
         return self.engine.landing.skipped_updates
 
     def synchronize(self) -> None:
-        """Waits for every queued optimizer update (the slabs are then current)."""
+        """Waits for every queued optimizer update (the slabs are then current). Data
+        parallel: collective (every rank calls it), and it refreshes the full compute copies."""
         self.engine.wait_all()
+        if self.data_parallel:
+            self.model.refresh_()
 
     # ------------------------------------------------------------------ state
     @property
@@ -216,6 +242,12 @@ class Trainer:
     @property
     def num_parameters(self) -> int:
         return self.model.num_parameters
+
+    @property
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of fp32 master + exp_avg + exp_avg_sq this process holds (its shard when
+        data parallel; alignment padding inside a layer counted, page rounding not)."""
+        return sum(3 * 4 * layer.slab.numel for layer in self.model.layers)
 
     @property
     def stats(self) -> dict:
@@ -234,13 +266,23 @@ class Trainer:
             "skipped_layer_updates": self._landed_skips(),
         }
 
-    def state_tensors(self) -> dict:
-        """Every master / exp_avg / exp_avg_sq flat buffer by name (views, not copies)."""
-        self.synchronize()
+    def state_tensors(self, *, rank0_only: bool = False) -> dict:
+        """Every master / exp_avg / exp_avg_sq flat buffer by name (views, not copies).
+        Data parallel: collective; the FULL tensors gathered from the shards (copies, the same
+        on every rank), so a checkpoint from N ranks resumes on M. `rank0_only`: only rank 0
+        gathers them (the other ranks get {}), which is all a checkpoint writer needs."""
+        if rank0_only not in (True, False):
+            raise HorizonError(f"rank0_only must be True or False, got {rank0_only!r}")
+        self.engine.wait_all()
+        if self.data_parallel:
+            return self.model.state_tensors(rank0_only=rank0_only)
         return self.model.state_tensors()
 
     def load_state_tensors(self, tensors: dict) -> None:
-        self.synchronize()
+        """Loads full flat tensors as `state_tensors` returns them, or lazy file slices
+        (`safetensors.safe_open(...).get_slice(name)`). Data parallel: each rank keeps (and,
+        from slices, reads) only its shard; collective."""
+        self.engine.wait_all()
         self.model.load_state_tensors_(tensors)
 
     def save_pretrained(self, model_dir, *, dtype=torch.float32, max_shard_bytes: int = 4 << 30) -> None:
@@ -250,5 +292,25 @@ class Trainer:
         if isinstance(dtype, str):
             dtype = _DTYPES.get(dtype.lower(), dtype)
         self.synchronize()
-        tensors = self.model.hf_views()
-        hf.save(model_dir, self.config, tensors, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        if not self.data_parallel:
+            hf.save(model_dir, self.config, self.model.hf_views(), dtype=dtype, max_shard_bytes=max_shard_bytes)
+            return
+        from . import distributed as hdist
+
+        # Collective: gathered on rank 0 (the writer) only.
+        tensors = self.model.hf_views(rank0_only=True)
+        failure = None
+        try:
+            if self.rank == 0:
+                hf.save(model_dir, self.config, tensors, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+            failure = e
+        finally:
+            del tensors
+            self.model.drop_staging_()
+        # Every rank returns once the files exist, or raises when rank 0 could not write them
+        # (instead of waiting for it forever).
+        if hdist.any_rank(failure is not None):
+            if failure is not None:
+                raise failure
+            raise HorizonError(f"save_pretrained({str(model_dir)!r}) failed on rank 0")

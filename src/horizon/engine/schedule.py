@@ -58,8 +58,7 @@ class _Streamer:
         while self.next < len(self.items) and self.inflight < e.stream.n_slots:
             key, layer = self.items[self.next]
             if key[0] == "fwd":
-                # The previous step's AdamW must be done with this slab before it is read.
-                e.landing.wait(layer.key)
+                e._before_forward_read(layer)
             e.stream.prefetch(key, e.weight_source(layer))
             self.next += 1
             self.inflight += 1
@@ -170,8 +169,12 @@ class LayerMajorEngine:
         n_label_tokens = int((shifted != -100).sum())
         if n_label_tokens == 0:
             raise HorizonError("the batch has no label tokens (all labels are -100 after the shift)")
-        ids_mb = [t.to(dev, non_blocking=True) for t in input_ids.split(micro_batch_size)]
-        lab_mb = [t.to(dev, non_blocking=True) for t in shifted.split(micro_batch_size)]
+        # Data parallel: this rank's contiguous share of the step's micro-batches (all of
+        # them in a single process); the loss normaliser stays the whole batch's count.
+        ids_all, lab_all = input_ids.split(micro_batch_size), shifted.split(micro_batch_size)
+        mb_lo, mb_hi = self._micro_batch_share(len(ids_all))
+        ids_mb = [t.to(dev, non_blocking=True) for t in ids_all[mb_lo:mb_hi]]
+        lab_mb = [t.to(dev, non_blocking=True) for t in lab_all[mb_lo:mb_hi]]
         inv_tokens = 1.0 / n_label_tokens
         cos, sin = kernels.rope_cos_sin(torch.arange(seq), spec.head_dim, spec.rope_theta, dtype=self.dtype, device=dev)
         ckpts = CheckpointStore(dev, self._offload(n_rows * seq), self.device_ledger, self.host_ledger)
@@ -250,7 +253,7 @@ class LayerMajorEngine:
                     kernels.accumulate_grad_(tied_acc, g[2])
                 loss_parts.append(loss_sum.detach())
                 self._hold_list("grads-out", grads_out)
-            del g, scaled, loss_sum
+            g = scaled = loss_sum = None  # (a data-parallel rank may have had no micro-batch)
             streamer.release(("fwd", head.key))
             if tied:
                 streamer.release(("head-weight", embed.key))
@@ -258,7 +261,10 @@ class LayerMajorEngine:
             del hidden
 
             # One host read per step: the loss decides whether the step happens at all.
-            loss_t = torch.stack(loss_parts).sum() * inv_tokens
+            loss_t = torch.stack(loss_parts).sum() * inv_tokens if loss_parts else torch.zeros((), device=dev)
+            # Data parallel: the ranks' loss shares and router statistics add up here (a
+            # no-op in a single process), so every rank takes the same decision below.
+            self._sum_across_ranks_([loss_t] + ([route_counts, route_probs] if aux_coef else []))
             if aux_coef:
                 loss_t = loss_t + aux_scale * (route_counts * route_probs).sum()
             loss = float(loss_t)
@@ -325,6 +331,7 @@ class LayerMajorEngine:
             self.device_ledger.drop("grads-out")
             skipped_layers += self._land(embed, eacc, norms, step=step, lr=lr, betas=betas, eps=eps,
                                          weight_decay=weight_decay)
+            self._flush_landings()
             del eacc, tied_acc
             self.device_ledger.drop("layer-acc")
             self.device_ledger.drop("head-acc")
@@ -332,7 +339,7 @@ class LayerMajorEngine:
             # ---- the global norm (one host read) and, with clipping, the updates
             grad_norm = None
             if norms:
-                grad_norm = math.sqrt(float(torch.stack(norms).double().sum()))
+                grad_norm = math.sqrt(float(self._sum_sq_norms(torch.stack(norms).double().sum())))
             if self.grad_clip is not None:
                 if not math.isfinite(grad_norm):
                     # Known before any update: the step is skipped as a whole.
@@ -348,11 +355,36 @@ class LayerMajorEngine:
             return StepResult(loss, grad_norm, False, skipped_layers, n_rows * seq)
         except BaseException:
             # Leave the engine usable: no slot stays taken, no job stays unwaited.
+            self._abort_landings()
             streamer.abandon()
             self.landing.wait_all()
             ckpts.clear()
             self._drop_step_holdings()
             raise
+
+    # ------------------------------------------------------------------ data-parallel hooks
+    # A single process runs the defaults below; `engine.distributed.DataParallelEngine`
+    # overrides them (which micro-batches are this rank's, the sums across ranks, the
+    # reduction of each layer's gradient before it lands, the weight refresh after AdamW).
+
+    def _micro_batch_share(self, n_micro_batches: int) -> tuple:
+        return 0, n_micro_batches
+
+    def _sum_across_ranks_(self, tensors: list) -> None:
+        pass
+
+    def _sum_sq_norms(self, sq: torch.Tensor) -> torch.Tensor:
+        return sq
+
+    def _before_forward_read(self, layer: HostLayer) -> None:
+        # The previous step's AdamW must be done with this slab before it is read.
+        self.landing.wait(layer.key)
+
+    def _flush_landings(self) -> None:
+        pass
+
+    def _abort_landings(self) -> None:
+        pass
 
     def _drop_step_holdings(self) -> None:
         for name in ("hidden", "grads-out", "head-acc", "layer-acc"):

@@ -12,6 +12,46 @@ from ..errors import HorizonError
 from ..models import LayerDef, ModelSpec, init_tensor_, layer_defs
 
 
+def state_numel(src):
+    """Elements of a state-tensor source: a tensor, or a lazy slice of one in a file
+    (`safetensors.safe_open(...).get_slice(name)`, so a rank can read just its shard).
+    None for anything else."""
+    if isinstance(src, torch.Tensor):
+        return src.numel()
+    shape = getattr(src, "get_shape", None)
+    if callable(shape):
+        n = 1
+        for d in shape():
+            n *= int(d)
+        return n
+    return None
+
+
+def read_state_range(src, lo: int, hi: int) -> torch.Tensor:
+    """Elements [lo, hi) of a state-tensor source (see `state_numel`), flattened."""
+    if isinstance(src, torch.Tensor):
+        return src.reshape(-1)[lo:hi]
+    if len(src.get_shape()) == 1:
+        return src[lo:hi]  # reads only these bytes of the file
+    return src[:].reshape(-1)[lo:hi]
+
+
+def check_state_sources(tensors, want: dict) -> None:
+    """`want`: name -> expected element count. Raises HorizonError naming what differs."""
+    if not isinstance(tensors, dict):
+        raise HorizonError(f"state tensors must be a dict, got {type(tensors).__name__}")
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
+    if missing or extra:
+        raise HorizonError(f"state tensors do not match this model: missing {missing[:4]}, unexpected {extra[:4]}")
+    for name, numel in want.items():
+        src = tensors[name]
+        got = state_numel(src)
+        if got != numel:
+            what = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__ if got is None else got
+            raise HorizonError(f"state tensor {name!r}: expected {numel} elements, got {what}")
+
+
 @dataclass
 class HostLayer:
     defn: LayerDef
@@ -34,7 +74,7 @@ class HostModel:
     """All layers' slabs, in forward order: embedding, blocks, head."""
 
     def __init__(self, spec: ModelSpec, *, with_grad: bool, pin: bool):
-        from ..store import LayerSlab, SlabLayout
+        from ..store import SlabLayout
 
         self.spec = spec
         self.layers: list[HostLayer] = []
@@ -44,11 +84,17 @@ class HostModel:
             layout = layouts.get(id(d.template))
             if layout is None:
                 layout = layouts[id(d.template)] = SlabLayout.from_shapes(dict(d.shapes))
-            # Fresh slabs are zero-filled (anonymous mappings), so the padding between the
-            # aligned tensors stays zero for norms and AdamW.
-            slab = LayerSlab(layout.numel, with_grad=with_grad, pin=pin)
-            self.layers.append(HostLayer(d, layout, slab))
+            self.layers.append(self._make_layer(d, layout, with_grad=with_grad, pin=pin))
         self.by_key = {layer.key: layer for layer in self.layers}
+
+    def _make_layer(self, defn: LayerDef, layout, *, with_grad: bool, pin: bool) -> HostLayer:
+        # The one place a layer's slab is sized: `engine.distributed.ShardedHostModel`
+        # overrides it to hold one rank's shard only.
+        from ..store import LayerSlab
+
+        # Fresh slabs are zero-filled (anonymous mappings), so the padding between the
+        # aligned tensors stays zero for norms and AdamW.
+        return HostLayer(defn, layout, LayerSlab(layout.numel, with_grad=with_grad, pin=pin))
 
     @property
     def num_parameters(self) -> int:
@@ -103,18 +149,9 @@ class HostModel:
         return out
 
     def load_state_tensors_(self, tensors: dict) -> None:
-        if not isinstance(tensors, dict):
-            raise HorizonError(f"state tensors must be a dict, got {type(tensors).__name__}")
+        """Copies full flat tensors (or lazy file slices, see `state_numel`) into the slabs."""
         own = self.state_tensors()
-        missing = sorted(set(own) - set(tensors))
-        extra = sorted(set(tensors) - set(own))
-        if missing or extra:
-            raise HorizonError(f"state tensors do not match this model: missing {missing[:4]}, unexpected {extra[:4]}")
+        check_state_sources(tensors, {name: dst.numel() for name, dst in own.items()})
         for name, dst in own.items():
-            src = tensors[name]
-            if not isinstance(src, torch.Tensor) or src.numel() != dst.numel():
-                got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__
-                raise HorizonError(f"state tensor {name!r}: expected {dst.numel()} elements, got {got}")
-        for name, dst in own.items():
-            dst.copy_(tensors[name].reshape(-1))
+            dst.copy_(read_state_range(tensors[name], 0, dst.numel()))
         self.sync_bf16_()
