@@ -433,3 +433,35 @@ def test_world_size_one_gives_the_single_process_result(backend, device, compute
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
     _worker(sys.argv[2])
+
+
+def test_torchrun_cli_trains_like_one_process_and_writes_once(tmp_path):
+    """`torchrun --nproc-per-node 2 -m horizon train` equals the single-process run step for
+    step (1e-5 relative), and only rank 0 writes metrics and checkpoints."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = ["train", "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--seq-len", "32",
+            "--device", "cpu", "--seed", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HORIZON_ADAM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "horizon", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "horizon", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows]
+
+    a, b = losses("one"), losses("two")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+    ckpts = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts == ["step-000003"]
+    assert two.stdout.count("done: 3 steps") == 1  # one rank reports

@@ -278,12 +278,27 @@ def _make_trainer(src: ModelSource, c: TrainConfig, factory=None):
 
 def train(c: TrainConfig, *, out=None, err=None, trainer_factory=None) -> int:
     """Runs `horizon train` with validated options. Returns the exit code; raises HorizonError
-    (or ValueError / OSError) for bad input, which the CLI prints as one line."""
-    out = out or sys.stdout
-    err = err or sys.stderr
+    (or ValueError / OSError) for bad input, which the CLI prints as one line.
+
+    Under torchrun (WORLD_SIZE > 1) every rank runs this same loop on the same global batches
+    (the trainer takes each rank's share); rank 0 alone writes the run directory."""
+    from . import distributed as dp
+
+    rank, world = dp.init_from_env()
+    try:
+        return _train(c, out=out, err=err, trainer_factory=trainer_factory, rank=rank, world=world)
+    finally:
+        dp.shutdown()
+
+
+def _train(c: TrainConfig, *, out, err, trainer_factory, rank: int, world: int) -> int:
+    from . import distributed as dp
     from .data import TextTokenizer, eos_from_config, load_dataset
 
-    run_dir = Path(c.out).expanduser() if c.out else _default_out()
+    writer = rank == 0  # metrics, plots, checkpoints and messages come from rank 0 only
+    out = (out or sys.stdout) if writer else open(os.devnull, "w")
+    err = err or sys.stderr
+    run_dir = Path(c.out).expanduser() if c.out else Path(dp.from_rank0(str(_default_out())))
     resume_from = None
     if c.resume:
         if not c.out:
@@ -326,15 +341,20 @@ def train(c: TrainConfig, *, out=None, err=None, trainer_factory=None) -> int:
             f"tokenizer {src.tokenizer} has {tok.vocab_size} tokens, more than the model's vocab_size {shape.vocab}"
         )
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     data_paths = c.data or [str(_shipped_corpus())]
-    ds = load_dataset(data_paths, tok, c.seq_len, c.seed, fallback_dir=run_dir / "data-cache",
-                      log=lambda m: out.write(m + "\n"))
-    if resume_from is None:
-        if src.tokenizer.resolve() != (run_dir / "tokenizer.json").resolve():
-            shutil.copyfile(src.tokenizer, run_dir / "tokenizer.json")
-        _write_json_atomic(run_dir / "model_config.json", src.config)
-    _write_json_atomic(run_dir / "train_config.json", dict(c.to_dict(), resume=False, out=str(run_dir)))
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # rank 0 tokenises (once, into the cache); the other ranks then map the cache
+        ds = load_dataset(data_paths, tok, c.seq_len, c.seed, fallback_dir=run_dir / "data-cache",
+                          log=lambda m: out.write(m + "\n"))
+        if resume_from is None:
+            if src.tokenizer.resolve() != (run_dir / "tokenizer.json").resolve():
+                shutil.copyfile(src.tokenizer, run_dir / "tokenizer.json")
+            _write_json_atomic(run_dir / "model_config.json", src.config)
+        _write_json_atomic(run_dir / "train_config.json", dict(c.to_dict(), resume=False, out=str(run_dir)))
+    dp.barrier()
+    if not writer:
+        ds = load_dataset(data_paths, tok, c.seq_len, c.seed, fallback_dir=run_dir / "data-cache")
 
     _seed_everything(c.seed)
     trainer = _make_trainer(src, c, trainer_factory)
@@ -352,13 +372,18 @@ def train(c: TrainConfig, *, out=None, err=None, trainer_factory=None) -> int:
 
     metrics_path = run_dir / "metrics.jsonl"
     history = [r for r in read_metrics(metrics_path) if isinstance(r.get("step"), int) and r["step"] <= start]
-    # Rewrite the history up to the resume point: steps past the checkpoint never happened.
-    tmp = metrics_path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, metrics_path)
+    if writer:
+        # Rewrite the history up to the resume point: steps past the checkpoint never happened.
+        tmp = metrics_path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+        os.replace(tmp, metrics_path)
 
     def save(step):
-        tensors = trainer.state_tensors()
+        # every rank takes part in gathering the sharded state; rank 0 writes it
+        tensors = trainer.state_tensors(rank0_only=True) if world > 1 else trainer.state_tensors()
+        if not writer:
+            dp.barrier()
+            return None
         meta_out = {
             "step": step, "trainer_step": int(trainer.step), "data_position": position,
             "seq_len": c.seq_len, "batch_size": c.batch_size, "seed": c.seed,
@@ -369,6 +394,7 @@ def train(c: TrainConfig, *, out=None, err=None, trainer_factory=None) -> int:
         }
         path = ckpt.save_checkpoint(run_dir, step, tensors, meta_out, keep=c.keep_checkpoints)
         write_plot(run_dir, history)
+        dp.barrier()
         return path
 
     out.write(
@@ -385,7 +411,7 @@ def train(c: TrainConfig, *, out=None, err=None, trainer_factory=None) -> int:
     last_loss = None
     tokens_seen = history[-1].get("tokens", 0) if history else 0
     step = start
-    with StopFlag() as stop, open(metrics_path, "a") as mf:
+    with StopFlag() as stop, (open(metrics_path, "a") if writer else open(os.devnull, "w")) as mf:
         try:
             while step < c.steps:
                 lr = c.lr_at(step)
@@ -432,7 +458,8 @@ def train(c: TrainConfig, *, out=None, err=None, trainer_factory=None) -> int:
                         )
                 else:
                     bad_in_a_row = 0
-                if stop.signum is not None:
+                # all ranks stop at the same step (a signal may reach only some of them)
+                if dp.any_rank(stop.signum is not None):
                     break
                 if c.save_every and step % c.save_every == 0 and step < c.steps:
                     save(step)
@@ -443,6 +470,8 @@ def train(c: TrainConfig, *, out=None, err=None, trainer_factory=None) -> int:
     progress.close()
 
     path = save(step)
+    if not writer:
+        return 0
     if stop.signum is not None:
         name = signal.Signals(stop.signum).name
         err.write(f"horizon: {name} received: stopped after step {step}/{c.steps}; checkpoint {path}; "
