@@ -303,3 +303,251 @@ def test_gpu_flash_moe_matches_reference_on_random_weights():
     y, _ = flash_moe(x, wr, w1, w3, w2, top_k=k)
     yr, _ = moe_fused.flash_moe_fused(*(t.float() for t in (x, wr, w1, w3, w2)), top_k=k, use_kernel=False)
     assert rel(y, yr) < 2e-2
+
+
+# ---------------------------------------------------------------- the backward kernel's torch transcription (CPU)
+
+
+def _bwd_case(T, H, I, E, seed, dtype=torch.float32, exact=False):
+    """Inputs with a skewed router (expert 1 popular) and an expert that no token picks
+    (expert E-1: feature 0 is 3 in every token and only E-1 weighs it, at -10). exact: bf16-exact
+    router logits in any summation order, so fp32 and bf16 routings agree."""
+    g = torch.Generator().manual_seed(seed)
+    if exact:
+        x = torch.randint(-8, 9, (T, H), generator=g).float() / 8
+        wr = torch.randint(-4, 5, (E, H), generator=g).float() / 16
+    else:
+        x = torch.randn(T, H, generator=g)
+        wr = torch.randn(E, H, generator=g) * 0.4
+    x[:, 0] = 3.0
+    wr[:, 0] = 0.0
+    wr[E - 1, 0] = -10.0
+    wr[1, 1:] += x[:, 1:].mean(0).sign() / 4
+    w1 = torch.randn(E, I, H, generator=g) * H**-0.5
+    w3 = torch.randn(E, I, H, generator=g) * H**-0.5
+    w2 = torch.randn(E, H, I, generator=g) * I**-0.5
+    return [t.to(dtype) for t in (x, wr, w1, w3, w2)]
+
+
+BWD_CASES = [
+    # T, H, I, E, k, capacity_factor, renormalize, tile
+    (37, 24, 40, 8, 2, None, True, 16),
+    (29, 16, 24, 12, 8, None, False, 16),
+    (41, 16, 24, 5, 1, 0.6, True, 64),
+    (33, 24, 16, 6, 2, 0.8, True, 8),
+    (70, 16, 72, 9, 2, 0.9, False, 64),
+    (150, 16, 72, 5, 2, None, False, 64),
+]
+
+
+@pytest.mark.parametrize("T,H,I,E,k,cf,renorm,tile", BWD_CASES)
+def test_backward_emulation_matches_autograd(T, H, I, E, k, cf, renorm, tile):
+    """The kernel's decomposition (tile list, index arithmetic, masks, router backward), in fp32,
+    against autograd through the reference; unwritten scratch is NaN, so a read of an element
+    the kernel never writes, or an output element no tile writes, shows up."""
+    ins = _bwd_case(T, H, I, E, seed=T + E)
+    cap = moe.capacity_of(cf, T, k, E)
+    st = moe_fused.forward_torch(*ins, k, renorm, cap)
+    counts = (st.off[1:] - st.off[:-1]).tolist()
+    assert counts[E - 1] == 0  # an expert with no tokens
+    if cf is None:
+        assert max(counts) > tile  # an expert with several row blocks
+    else:
+        assert int(st.off[-1]) < T * k  # capacity dropped pairs
+    kw = dict(top_k=k, renormalize=renorm, capacity_factor=cf, aux_loss_coef=0.05, z_loss_coef=0.01)
+    gy = torch.randn(T, H, generator=torch.Generator().manual_seed(1))
+    xs = [t.clone().requires_grad_() for t in ins]
+    y, logits, tope = moe_fused.FlashMoEFunction.apply(*xs, k, renorm, cap, False, "torch")
+    aux = moe.aux_losses(logits, torch.softmax(logits, -1), tope, E, 0.05, 0.01)
+    dlogits = torch.autograd.grad(2.0 * aux, logits, retain_graph=True)[0]
+    got = moe_fused.backward_emulate(st, gy, dlogits, *ins, k, renorm, bm=tile, bn=tile)
+    ref = [t.clone().requires_grad_() for t in ins]
+    yr, auxr = moe.flash_moe_reference(*ref, **kw)
+    want = torch.autograd.grad((yr * gy).sum() + 2.0 * auxr, ref)
+    for name, a, b in zip(("dx", "dwr", "dw1", "dw3", "dw2"), got, want):
+        assert not a.isnan().any(), name
+        assert rel(a, b) < 1e-4, name  # fp32 summation orders differ
+
+
+def test_backward_emulation_in_bf16_and_through_autograd():
+    """bf16 rounding at the kernel's store points stays within bf16 tolerance of fp32 autograd;
+    backward="emulate" is what autograd runs."""
+    T, H, I, E, k = 45, 32, 48, 8, 2
+    ins = _bwd_case(T, H, I, E, seed=3, dtype=torch.bfloat16, exact=True)
+    xs = [t.clone().requires_grad_() for t in ins]
+    kw = dict(top_k=k, capacity_factor=1.0, aux_loss_coef=0.01, z_loss_coef=0.001)
+    y, aux = moe_fused.flash_moe_fused(*xs, use_kernel=False, backward="emulate", **kw)
+    fs = [t.float().requires_grad_() for t in ins]
+    yr, auxr = moe.flash_moe_reference(*fs, **kw)
+    gy = torch.randn(T, H, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad((y.float() * gy).sum() + aux, xs)
+    want = torch.autograd.grad((yr * gy).sum() + auxr, fs)
+    for name, a, b in zip(("dx", "dwr", "dw1", "dw3", "dw2"), got, want):
+        assert a.dtype == torch.bfloat16 and not a.isnan().any(), name
+        assert rel(a, b) < 2e-2, name
+
+
+def test_backward_choice_validates(monkeypatch):
+    x, wr, w1, w3, w2 = _weights(4, 8, 8, 3)
+    with pytest.raises(HorizonError, match="backward"):
+        moe_fused.flash_moe_fused(x, wr, w1, w3, w2, top_k=1, backward="cuda")
+    monkeypatch.setenv("HORIZON_MOE_BWD", "fast")
+    with pytest.raises(HorizonError, match="HORIZON_MOE_BWD"):
+        moe_fused.flash_moe_fused(x, wr, w1, w3, w2, top_k=1)
+
+
+# ---------------------------------------------------------------- GPU: the backward kernel
+
+
+def native_has(kernel):
+    from horizon import native
+
+    return native.has_kernels() and kernel in native.kernel_names()
+
+
+GPU_BWD_CASES = [
+    # T, H, I, E, k, capacity_factor, renormalize
+    (333, 136, 88, 8, 2, None, True),
+    (129, 64, 200, 16, 1, None, True),
+    (517, 128, 64, 128, 8, None, False),
+    (257, 96, 120, 32, 2, 1.0, True),
+    (1, 64, 64, 8, 2, None, True),
+    (200, 256, 512, 64, 8, 0.5, False),
+    (1000, 64, 96, 9, 2, None, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H,I,E,k,cf,renorm", GPU_BWD_CASES)
+def test_gpu_backward_kernel_matches_autograd_through_reference(T, H, I, E, k, cf, renorm):
+    """horizon_flash_moe_bwd (after the forward kernel) against fp32 autograd through the
+    reference on the same bf16 values: skewed routing, an expert with no tokens (E-1), token
+    counts off the 64-row tile, capacity drops; outputs and scratch NaN-poisoned (fixture)."""
+    ins = [t.cuda() for t in _bwd_case(T, H, I, E, seed=T + E, dtype=torch.bfloat16, exact=True)]
+    assert moe_fused.can_run(*ins, top_k=k, activation="swiglu")
+    assert native_has(moe_fused.BWD_KERNEL)
+    cap = moe.capacity_of(cf, T, k, E)
+    st = moe_fused.forward_torch(*ins, k, renorm, cap)
+    counts = (st.off[1:] - st.off[:-1]).tolist()
+    if E > k:
+        assert counts[E - 1] == 0
+    kw = dict(top_k=k, renormalize=renorm, capacity_factor=cf, aux_loss_coef=0.01, z_loss_coef=0.001)
+    gy = torch.randn(T, H, generator=torch.Generator().manual_seed(5)).cuda()
+    xs = [t.clone().requires_grad_() for t in ins]
+    y, aux = moe_fused.flash_moe_fused(*xs, use_kernel=True, backward="kernel", **kw)
+    got = torch.autograd.grad((y.float() * gy).sum() + aux, xs)
+    fs = [t.float().requires_grad_() for t in ins]
+    yr, auxr = moe.flash_moe_reference(*fs, **kw)
+    want = torch.autograd.grad((yr * gy).sum() + auxr, fs)
+    for name, a, b in zip(("dx", "dwr", "dw1", "dw3", "dw2"), got, want):
+        assert a.dtype == torch.bfloat16 and a.shape == b.shape, name
+        assert not a.isnan().any(), name
+        assert rel(a, b) < 2e-2, name
+    # Deterministic: one writer per output element, fixed summation orders.
+    xs2 = [t.clone().requires_grad_() for t in ins]
+    y2, aux2 = moe_fused.flash_moe_fused(*xs2, use_kernel=True, backward="kernel", **kw)
+    again = torch.autograd.grad((y2.float() * gy).sum() + aux2, xs2)
+    for name, a, b in zip(("dx", "dwr", "dw1", "dw3", "dw2"), got, again):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+def test_gpu_backward_kernel_matches_grouped_gemm_backward_on_one_state():
+    """Both backwards from one forward state (so routing cannot differ), random weights; the
+    grouped-GEMM backward (itself checked against autograd on the CPU) is the peer."""
+    T, H, I, E, k = 300, 128, 96, 8, 2
+    x, wr, w1, w3, w2 = _weights(T, H, I, E, dtype=torch.bfloat16, device="cuda", seed=1, scale=0.1)
+    st = moe_fused.forward_kernel(x, wr, w1, w3, w2, k, True, None)
+    dy = torch.randn(T, H, device="cuda").bfloat16()
+    dlogits = torch.randn(T, E, device="cuda") * 1e-2
+    got = moe_fused.backward_kernel(st, dy, dlogits, x, wr, w1, w3, w2, k, True)
+    want = moe_fused.backward_torch(st, dy, dlogits, x, wr, w1, w3, w2, k, True)
+    for name, a, b in zip(("dx", "dwr", "dw1", "dw3", "dw2"), got, want):
+        assert not a.isnan().any(), name
+        assert rel(a, b) < 2e-2, name
+
+
+# ---------------------------------------------------------------- the backward kernel's source on host threads (CPU)
+
+
+@pytest.fixture(scope="module")
+def host_bwd(tmp_path_factory):
+    """cuda/moe/flash_moe_bwd.cu compiled with g++ against tests/cuda_host/ (the CUDA runtime
+    as std::threads and forked processes), its one asm statement swapped for a host mma."""
+    import ctypes
+    import pathlib
+    import re
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++ to build the host run of the backward kernel")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    src = (root / "cuda" / "moe" / "flash_moe_bwd.cu").read_text()
+    src, n = re.subn(r"asm volatile\(\s*\"mma\.sync\.aligned\.m16n8k16.*?\);", "host_mma16816(c, a, b);", src, flags=re.S)
+    assert n == 1
+    build = tmp_path_factory.mktemp("host_bwd")
+    (build / "flash_moe_bwd_host_src.cu").write_text(src)
+    lib = build / "libflash_moe_bwd_host.so"
+    here = root / "tests" / "cuda_host"
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-fno-strict-aliasing", "-I", str(build), "-I",
+           str(here / "shim"), "-I", str(root / "cuda"), "-o", str(lib), str(here / "flash_moe_bwd_host.cpp")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.mark.parametrize("T,H,I,E,k,cf,renorm,blocks", [
+    (130, 40, 72, 4, 2, None, True, 3),  # an expert over several row blocks; a 3-block grid
+    (30, 24, 16, 12, 8, 0.5, False, 2),
+    (41, 16, 24, 5, 1, 0.6, True, 1),
+])
+def test_backward_kernel_source_on_host_threads(host_bwd, T, H, I, E, k, cf, renorm, blocks):
+    """The CUDA source itself (phases, tile queue, waits, grid barriers, fragment layouts,
+    masks) run on the CPU equals its torch transcription and fp32 autograd through the
+    reference; outputs, scratch, dropped pairs' outp rows and unused h rows are NaN."""
+    import ctypes
+
+    ins = _bwd_case(T, H, I, E, seed=T + E, dtype=torch.bfloat16, exact=True)
+    cap = moe.capacity_of(cf, T, k, E)
+    st = moe_fused.forward_torch(*ins, k, renorm, cap)
+    P, n = T * k, int(st.off[-1])
+    outp, h = st.outp.clone(), st.h.clone()
+    outp[st.slot < 0] = float("nan")
+    h[n:] = float("nan")
+    st = moe_fused.MoeState(st.logits, st.tope, st.topw, st.slot, st.sorted, st.off, h, outp, None)
+    g = torch.Generator().manual_seed(T)
+    dy = torch.randn(T, H, generator=g).bfloat16()
+    dlogits = torch.randn(T, E, generator=g) * 1e-2
+    Ep = (E + 7) // 8 * 8
+
+    def nan(*s):
+        return torch.full(s, float("nan"), dtype=torch.bfloat16)
+
+    outs = [nan(T, H), nan(E, H), nan(E, I, H), nan(E, I, H), nan(E, H, I)]
+    scratch = [nan(P, H), nan(T, Ep), nan(P, I), nan(P, I), nan(P, H), torch.zeros(E + 3, dtype=torch.int32),
+               torch.zeros((P + 63) // 64 + E, dtype=torch.int32)]
+    args = outs + [dy, dlogits, *ins, st.logits, st.tope, st.topw, st.slot, st.sorted, st.off, st.h, st.outp] + scratch
+    args = [t.contiguous().share_memory_() for t in args]  # the forked blocks write them
+    ptrs = (ctypes.c_void_p * len(args))(*[t.data_ptr() for t in args])
+    ints = (ctypes.c_int * 7)(T, H, I, E, Ep, k, 1 if renorm else 0)
+    assert host_bwd.run_flash_moe_bwd(ptrs, ints, blocks) == 0
+    got = args[:5]
+    emu = moe_fused.backward_emulate(st, dy, dlogits, *ins, k, renorm)
+    fs = [t.float().requires_grad_() for t in ins]
+    yr, _ = moe.flash_moe_reference(*fs, top_k=k, renormalize=renorm, capacity_factor=cf)
+    want = torch.autograd.grad((yr * dy.float()).sum() + ((fs[0] @ fs[1].t()) * dlogits).sum(), fs)
+    for name, a, b, c in zip(("dx", "dwr", "dw1", "dw3", "dw2"), got, emu, want):
+        assert not a.isnan().any(), name
+        assert rel(a, b) < 1e-3, name  # same rounding points; fp32 order flips a few bf16 roundings
+        assert rel(a, c) < 2e-2, name
+
+
+def test_backward_kernel_and_emulation_validate():
+    x, wr, w1, w3, w2 = _weights(4, 8, 8, 3)
+    st = moe_fused.forward_torch(x, wr, w1, w3, w2, 1, True, None)
+    with pytest.raises(HorizonError, match="backward kernel"):
+        moe_fused.backward_kernel(st, torch.zeros(4, 8), None, x, wr, w1, w3, w2, 1, True)  # CPU fp32
+    with pytest.raises(HorizonError, match="bm"):
+        moe_fused.backward_emulate(st, torch.zeros(4, 8), None, x, wr, w1, w3, w2, 1, True, bm=0)

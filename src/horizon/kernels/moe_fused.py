@@ -1,11 +1,16 @@
 """The fused flash_moe path: the forward is one persistent CUDA launch
-(`horizon_flash_moe_fwd`, cuda/moe/flash_moe.cu); the backward is a short, fixed sequence of
-device-side torch grouped GEMMs driven by the routing state the forward left behind (no host
-synchronisation when `torch._grouped_mm` is available).
+(`horizon_flash_moe_fwd`, cuda/moe/flash_moe.cu), and so is the backward
+(`horizon_flash_moe_bwd`, cuda/moe/flash_moe_bwd.cu), driven by the routing state the forward
+left behind. The previous backward, a short fixed sequence of device-side torch grouped GEMMs
+(`backward_torch`, no host synchronisation when `torch._grouped_mm` is available), stays as
+the fallback and the comparison point: `backward="torch"` or HORIZON_MOE_BWD=torch.
 
 `forward_torch` produces exactly the state the kernel writes (same routing, same placement,
 same layouts) with torch ops: it is the CPU path of this module, the oracle of the kernel's
-intermediate outputs, and lets the explicit backward be tested without a GPU.
+intermediate outputs, and lets the explicit backwards be tested without a GPU.
+`backward_emulate` is the backward kernel transcribed to torch: the same phases, the same tile
+list in the same order, the same index arithmetic on flat buffers and the same bf16 rounding
+points, in fp32 — it proves the kernel's decomposition on the CPU.
 
 Semantics are horizon.moe's, except that router logits are computed in fp32 from the
 bf16 operands (the reference rounds them to the input dtype first), so top-k ties go by the
@@ -14,6 +19,7 @@ fp32 logits.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,17 +27,21 @@ import torch.nn.functional as F
 
 from .. import native
 from .. import moe as _moe
+from ..errors import HorizonError
 from ._common import device_sms, out_empty
 
 KERNEL = "horizon_flash_moe_fwd"
+BWD_KERNEL = "horizon_flash_moe_bwd"
+_BACKWARDS = ("kernel", "torch", "emulate")  # emulate: backward_emulate (CPU, slow; tests)
 _THREADS = 128
 _CHUNK = 256  # pairs per placement chunk (kernel constant CHUNK)
 _BM = 64  # rows per tile (kernel constant BM)
 _MAX_E = 256
 _MAX_K = 8
-# Blocks per SM for the persistent grid: the grid barrier needs every block co-resident.
-# The kernel uses <= 128 registers x 128 threads and ~15 KiB of shared memory, so 2 per SM
-# always fit (4 would on sm_80/sm_90); 2 is the conservative choice without an occupancy query.
+# Blocks per SM for the persistent grids: the grid barriers need every block co-resident.
+# 128 threads; the forward uses ~156 registers and ~15 KiB of shared memory, the backward
+# <= 168 registers (its launch bounds ask for 3 blocks per SM) and ~31 KiB: 2 per SM always fit
+# on sm_80/sm_90, the conservative choice without an occupancy query.
 _BLOCKS_PER_SM = 2
 
 
@@ -234,12 +244,264 @@ def backward_torch(st: MoeState, dy, dlogits, x, wr, w1, w3, w2, top_k, renormal
     return dx.to(x.dtype), dwr.to(wr.dtype), dw1.to(w1.dtype), dw3.to(w3.dtype), dw2.to(w2.dtype)
 
 
+def _round_up(v, m):
+    return (v + m - 1) // m * m
+
+
+def backward_kernel(st: MoeState, dy, dlogits, x, wr, w1, w3, w2, top_k, renormalize):
+    """One launch of horizon_flash_moe_bwd on torch's current stream (no host synchronisation);
+    scratch from torch. Same contract as `backward_torch`; the state must come from a bf16
+    forward (either forward)."""
+    if not (can_run(x, wr, w1, w3, w2, top_k=top_k, activation="swiglu") and native.can_launch(x, BWD_KERNEL)):
+        raise HorizonError("flash_moe backward kernel: needs contiguous, 16-byte aligned bf16 CUDA tensors, hidden "
+                           "and intermediate sizes multiples of 8, top_k <= 8, <= 256 experts, and a build with "
+                           f"{BWD_KERNEL}")
+    T, H = x.shape
+    E, I = w1.shape[0], w1.shape[1]
+    if tuple(dy.shape) != (T, H) or (dlogits is not None and tuple(dlogits.shape) != (T, E)):
+        raise HorizonError(f"flash_moe backward kernel: dy must be [{T}, {H}] and dlogits [{T}, {E}], got "
+                           f"{tuple(dy.shape)} and {None if dlogits is None else tuple(dlogits.shape)}")
+    P = T * top_k
+    Ep = _round_up(E, 8)  # dl's row stride: 16-byte rows for the transposed tile loads
+    dev = x.device
+    bf = dict(dtype=x.dtype, device=dev)
+    i32 = dict(dtype=torch.int32, device=dev)
+    dy = dy.to(x.dtype).contiguous()
+    dlogits = None if dlogits is None else dlogits.float().contiguous()
+    dx = out_empty(T, H, **bf)
+    dwr = out_empty(E, H, **bf)
+    dw1 = out_empty(E, I, H, **bf)
+    dw3 = out_empty(E, I, H, **bf)
+    dw2 = out_empty(E, H, I, **bf)
+    dyp = out_empty(P, H, **bf)
+    dl = out_empty(T, Ep, **bf)
+    dg = out_empty(P, I, **bf)
+    du = out_empty(P, I, **bf)
+    dxp = out_empty(P, H, **bf)
+    meta = torch.zeros(E + 3, **i32)  # rbp[E+1], tile counter, barrier counter
+    ready = torch.zeros((P + _BM - 1) // _BM + E, **i32)
+    state = [st.logits, st.tope, st.topw, st.slot, st.sorted, st.off, st.h, st.outp]
+    for t in state:
+        if not t.is_contiguous():
+            raise HorizonError("flash_moe backward: the forward state must be contiguous")
+    ptrs = [dx, dwr, dw1, dw3, dw2, dy] + [dlogits] + [x, wr, w1, w3, w2] + state + [dyp, dl, dg, du, dxp, meta, ready]
+    native.launch(
+        BWD_KERNEL,
+        (device_sms(x) * _BLOCKS_PER_SM,),
+        (_THREADS,),
+        [("ptr", 0 if t is None else t.data_ptr()) for t in ptrs]
+        + [("i32", v) for v in (T, H, I, E, Ep, top_k, 1 if renormalize else 0)],
+        device=dev,
+    )
+    return dx, dwr, dw1, dw3, dw2
+
+
+# ---------------------------------------------------------------- the backward kernel, in torch
+
+
+class _View:
+    """The kernel's `View`: a row-major matrix M [nrows, ncols] over a flat buffer whose row j
+    starts at base + (gather[first + j] // gdiv if gather else first + j) * ld."""
+
+    def __init__(self, buf, base, ld, first, nrows, ncols, gather=None, gdiv=1):
+        self.buf, self.base, self.ld, self.first = buf, base, ld, first
+        self.nrows, self.ncols, self.gather, self.gdiv = nrows, ncols, gather, gdiv
+
+    def _row_start(self, j):
+        ok = (j >= 0) & (j < self.nrows)
+        jj = torch.where(ok, j, torch.zeros_like(j))
+        r = self.gather[self.first + jj].long() // self.gdiv if self.gather is not None else self.first + jj
+        return self.base + r * self.ld, ok
+
+    def tile(self, t0, K, trans, rows):
+        """[rows, K]: tile(m, k) = M(t0 + m, k), or M(k, t0 + m) when trans; zeros out of range
+        (never read, as the kernel's load16 of a null pointer)."""
+        m = torch.arange(rows) + t0
+        k = torch.arange(K)
+        if trans:
+            start, ok = self._row_start(k)  # K runs down the rows
+            idx = start.view(1, K) + m.view(rows, 1)
+            ok = ok.view(1, K) & (m < self.ncols).view(rows, 1)
+        else:
+            start, ok = self._row_start(m)
+            idx = start.view(rows, 1) + k.view(1, K)
+            ok = ok.view(rows, 1) & (k < self.ncols).view(1, K)
+        idx = torch.where(ok, idx, torch.zeros_like(idx))
+        return torch.where(ok, self.buf[idx], torch.zeros((), dtype=self.buf.dtype))
+
+
+def _tile_mma(A, at0, ta, B, bt0, tb, K, bm, bn):
+    """The kernel's tile_mma: C [bm, bn] = tileA . tileB^T over k in [0, K), fp32."""
+    return A.tile(at0, K, ta, bm) @ B.tile(bt0, K, tb, bn).t()
+
+
+def _store_tile(buf, base, ld_m, ld_n, m0, n0, M, N, C, rnd):
+    """The kernel's store_tile: C(m, n) -> buf[base + m * ld_m + n * ld_n] for m < M, n < N."""
+    m = torch.arange(C.shape[0]) + m0
+    n = torch.arange(C.shape[1]) + n0
+    ok = (m < M).view(-1, 1) & (n < N).view(1, -1)
+    idx = base + m.view(-1, 1) * ld_m + n.view(1, -1) * ld_n
+    buf[idx[ok]] = rnd(C[ok])
+
+
+def backward_emulate(st: MoeState, dy, dlogits, x, wr, w1, w3, w2, top_k, renormalize, *, bm=_BM, bn=_BM):
+    """`horizon_flash_moe_bwd` transcribed to torch (CPU): phase 1 per token, then the tile list
+    in the kernel's order (mid, dw2, dwr, dx, dw13; a consumer asserts that what it waits for
+    is done), then the combine, on flat fp32 buffers with the kernel's index arithmetic, bf16
+    rounding where the kernel stores bf16 (none for fp32 inputs), NaN in every scratch element
+    the kernel does not write. bm: row block and M tile, bn: N tile (the kernel: 64, 64)."""
+    for name, v in (("bm", bm), ("bn", bn)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise HorizonError(f"backward_emulate: {name} must be a positive int, got {v!r}")
+    T, H = x.shape
+    E, I = w1.shape[0], w1.shape[1]
+    k = top_k
+    P = T * k
+    Ep = _round_up(E, 8)
+    f32 = torch.float32
+
+    def rnd(t):
+        return t.to(x.dtype).to(f32)
+
+    def flat(t):
+        return t.detach().to(f32).reshape(-1).cpu()
+
+    def nan(n):
+        return torch.full((n,), float("nan"), dtype=f32)
+
+    xf, wrf, w1f, w3f, w2f = (flat(t) for t in (x, wr, w1, w3, w2))
+    dyf, hf, outpf = flat(dy.to(x.dtype)), flat(st.h), flat(st.outp)
+    tope, slot, sorted_, off = (t.long().cpu() for t in (st.tope, st.slot, st.sorted, st.off))
+    topw, logits = st.topw.float().cpu(), st.logits.float().cpu()
+    dyp, dl, dg, du, dxp = nan(P * H), nan(T * Ep), nan(P * I), nan(P * I), nan(P * H)
+    dx, dwr, dw1, dw3, dw2 = nan(T * H), nan(E * H), nan(E * I * H), nan(E * I * H), nan(E * H * I)
+
+    # 1. pairs and router, per token.
+    rbp = [0]
+    for e in range(E):
+        rbp.append(rbp[-1] + (int(off[e + 1] - off[e]) + bm - 1) // bm)
+    for t in range(T):
+        lg = logits[t]
+        p = torch.exp(lg - lg.max()) / torch.exp(lg - lg.max()).sum()
+        dyr = dyf[t * H : (t + 1) * H]
+        dw, pj = torch.zeros(k), torch.zeros(k)
+        for j in range(k):
+            q = t * k + j
+            e = int(tope[q])
+            pj[j] = p[e]
+            if slot[q] >= 0:
+                dw[j] = (dyr * outpf[q * H : (q + 1) * H]).sum()
+                pos = int(off[e] + slot[q])
+                dyp[pos * H : (pos + 1) * H] = rnd(topw[q] * dyr)
+        psum = pj.sum()
+        dp = (dw - (dw * pj).sum() / psum) / psum if renormalize else dw
+        c = (dp * pj).sum()
+        sel = torch.zeros(E).index_add_(0, tope[t * k : (t + 1) * k], dp)
+        row = p * (sel - c)
+        if dlogits is not None:
+            row = row + dlogits[t].float().cpu()
+        dl[t * Ep : (t + 1) * Ep] = rnd(torch.cat([row, torch.zeros(Ep - E)]))
+
+    # 2. tiles, in list order.
+    R = rbp[E]
+    nI, nH, nE = -(-I // bn), -(-H // bn), -(-E // bm)
+    ready = [0] * R
+
+    def row_block(rb):
+        e = max(i for i in range(E) if rbp[i] <= rb)  # expert_of_row_block
+        oe = int(off[e])
+        rows = min(bm, int(off[e + 1]) - oe - (rb - rbp[e]) * bm)
+        return e, oe + (rb - rbp[e]) * bm, rows
+
+    for rb in range(R):  # mid tiles
+        for it in range(nI):
+            e, base, rows = row_block(rb)
+            i0 = it * bn
+            dh = _tile_mma(_View(dyp, 0, H, base, rows, H), 0, False, _View(w2f, e * H * I, I, 0, H, I), i0, True,
+                           H, bm, bn)
+            xr = _View(xf, 0, H, base, rows, H, sorted_, k)
+            g = _tile_mma(xr, 0, False, _View(w1f, e * I * H, H, 0, I, H), i0, False, H, bm, bn)
+            u = _tile_mma(xr, 0, False, _View(w3f, e * I * H, H, 0, I, H), i0, False, H, bm, bn)
+            sg = torch.sigmoid(g)
+            _store_tile(dg, base * I, I, 1, 0, i0, rows, I, dh * u * sg * (1 + g * (1 - sg)), rnd)
+            _store_tile(du, base * I, I, 1, 0, i0, rows, I, dh * g * sg, rnd)
+            ready[rb] += 1
+    for e in range(E):  # dw2 tiles (an empty expert reduces over nothing: zeros)
+        oe, ne = int(off[e]), int(off[e + 1] - off[e])
+        for ht in range(nH):
+            for it in range(nI):
+                C = _tile_mma(_View(dyp, 0, H, oe, ne, H), ht * bm, True, _View(hf, 0, I, oe, ne, I), it * bn, True,
+                              ne, bm, bn)
+                _store_tile(dw2, e * H * I, I, 1, ht * bm, it * bn, H, I, C, rnd)
+    for et in range(nE):  # dwr tiles
+        for ht in range(nH):
+            C = _tile_mma(_View(dl, 0, Ep, 0, T, Ep), et * bm, True, _View(xf, 0, H, 0, T, H), ht * bn, True, T, bm, bn)
+            _store_tile(dwr, 0, H, 1, et * bm, ht * bn, E, H, C, rnd)
+    for rb in range(R):  # dx tiles
+        for ht in range(nH):
+            assert ready[rb] == nI, "dx tile before its row block's mid tiles"
+            e, base, rows = row_block(rb)
+            h0 = ht * bn
+            C = _tile_mma(_View(dg, 0, I, base, rows, I), 0, False, _View(w1f, e * I * H, H, 0, I, H), h0, True,
+                          I, bm, bn)
+            C = C + _tile_mma(_View(du, 0, I, base, rows, I), 0, False, _View(w3f, e * I * H, H, 0, I, H), h0, True,
+                              I, bm, bn)
+            for r in range(rows):
+                q = int(sorted_[base + r])
+                _store_tile(dxp, q * H, 0, 1, 0, h0, 1, H, C[r : r + 1], rnd)
+    for e in range(E):  # dw13 tiles
+        oe, ne = int(off[e]), int(off[e + 1] - off[e])
+        assert all(ready[rb] == nI for rb in range(rbp[e], rbp[e + 1])), "dw13 tile before its mid tiles"
+        for ht in range(nH):
+            for it in range(nI):
+                xv = _View(xf, 0, H, oe, ne, H, sorted_, k)
+                C1 = _tile_mma(xv, ht * bm, True, _View(dg, 0, I, oe, ne, I), it * bn, True, ne, bm, bn)
+                C3 = _tile_mma(xv, ht * bm, True, _View(du, 0, I, oe, ne, I), it * bn, True, ne, bm, bn)
+                _store_tile(dw1, e * I * H, 1, H, ht * bm, it * bn, H, I, C1, rnd)
+                _store_tile(dw3, e * I * H, 1, H, ht * bm, it * bn, H, I, C3, rnd)
+
+    # 3. combine: pairs in choice order, then the router term.
+    for tb in range(-(-T // bm)):
+        t0 = tb * bm
+        for ht in range(nH):
+            h0 = ht * bn
+            C = _tile_mma(_View(dl, 0, Ep, t0, min(bm, T - t0), Ep), 0, False, _View(wrf, 0, H, 0, E, H), h0, True,
+                          Ep, bm, bn)
+            for r in range(min(bm, T - t0)):
+                t = t0 + r
+                cols = torch.arange(h0, min(h0 + bn, H))
+                acc = torch.zeros(len(cols))
+                for j in range(k):
+                    q = t * k + j
+                    if slot[q] >= 0:
+                        acc = acc + dxp[q * H + cols]
+                dx[t * H + cols] = rnd(acc + C[r, : len(cols)])
+
+    dev = x.device
+    out = [dx.view(T, H), dwr.view(E, H), dw1.view(E, I, H), dw3.view(E, I, H), dw2.view(E, H, I)]
+    return tuple(o.to(device=dev, dtype=x.dtype) for o in out)
+
+
+def _backward_choice(backward):
+    b = os.environ.get("HORIZON_MOE_BWD", "kernel") if backward is None else backward
+    if b not in _BACKWARDS:
+        src = "HORIZON_MOE_BWD" if backward is None else "backward"
+        raise HorizonError(f"flash_moe: {src} must be one of {_BACKWARDS}, got {b!r}")
+    return b
+
+
 class FlashMoEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, wr, w1, w3, w2, top_k, renormalize, cap, use_kernel):
+    def forward(ctx, x, wr, w1, w3, w2, top_k, renormalize, cap, use_kernel, backward):
         fwd = forward_kernel if use_kernel else forward_torch
         st = fwd(x, wr, w1, w3, w2, top_k, renormalize, cap)
         ctx.top_k, ctx.renormalize = top_k, renormalize
+        if backward == "emulate":
+            ctx.bwd = backward_emulate
+        elif backward == "kernel" and use_kernel and native.can_launch(x, BWD_KERNEL):
+            ctx.bwd = backward_kernel
+        else:
+            ctx.bwd = backward_torch
         ctx.save_for_backward(x, wr, w1, w3, w2, st.logits, st.tope, st.topw, st.slot, st.sorted, st.off, st.h, st.outp)
         tope = st.tope.long().view(x.shape[0], top_k)
         ctx.mark_non_differentiable(tope)
@@ -251,16 +513,20 @@ class FlashMoEFunction(torch.autograd.Function):
         st = MoeState(logits, tope, topw, slot, sorted_, off, h, outp, None)
         if dy is None:
             dy = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-        grads = backward_torch(st, dy, dlogits, x, wr, w1, w3, w2, ctx.top_k, ctx.renormalize)
-        return (*grads, None, None, None, None)
+        grads = ctx.bwd(st, dy, dlogits, x, wr, w1, w3, w2, ctx.top_k, ctx.renormalize)
+        return (*grads, None, None, None, None, None)
 
 
 def flash_moe_fused(x, router_weight, w1, w3, w2, *, top_k, renormalize=True, capacity_factor=None,
-                    activation="swiglu", aux_loss_coef=0.0, z_loss_coef=0.0, use_kernel=None):
+                    activation="swiglu", aux_loss_coef=0.0, z_loss_coef=0.0, use_kernel=None, backward=None):
     """flash_moe through the fused path (inputs already validated by horizon.moe.flash_moe).
-    use_kernel=None picks the CUDA kernel when `can_run`, else the torch version of it."""
+    use_kernel=None picks the CUDA kernel when `can_run`, else the torch version of it.
+    backward: "kernel" (the backward kernel after a kernel forward; otherwise the torch
+    backward), "torch" (the grouped-GEMM backward), "emulate" (backward_emulate); None reads
+    HORIZON_MOE_BWD (default "kernel")."""
     if activation != "swiglu":
         raise ValueError(f"flash_moe_fused: only swiglu experts, got {activation!r}")
+    backward = _backward_choice(backward)
     T = x.shape[0]
     E = router_weight.shape[0]
     if use_kernel is None:
@@ -270,6 +536,7 @@ def flash_moe_fused(x, router_weight, w1, w3, w2, *, top_k, renormalize=True, ca
                                         capacity_factor=capacity_factor, activation=activation,
                                         aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
     cap = _moe.capacity_of(capacity_factor, T, top_k, E)
-    y, logits, tope = FlashMoEFunction.apply(x, router_weight, w1, w3, w2, top_k, bool(renormalize), cap, bool(use_kernel))
+    y, logits, tope = FlashMoEFunction.apply(x, router_weight, w1, w3, w2, top_k, bool(renormalize), cap,
+                                             bool(use_kernel), backward)
     aux = _moe.aux_losses(logits, torch.softmax(logits, -1), tope, E, aux_loss_coef, z_loss_coef)
     return y, aux
