@@ -172,7 +172,9 @@ def flash_moe(x, router_weight, w1, w3, w2, *, top_k, renormalize=True, capacity
     """The MoE layer: x [T, H]; router_weight [E, H]; w1, w3 [E, I, H]; w2 [E, H, I] (HF
     layout). Returns (y [T, H] in x.dtype, aux_loss 0-dim, fp32 (fp64 for fp64 inputs)). Differentiable in every
     tensor. On CUDA (bf16, swiglu, top_k <= 8, E <= 256, H and I multiples of 8) it runs the
-    fused kernel (horizon.kernels.moe_fused; router logits in fp32 there) when available."""
+    fused persistent forward kernel and, in the backward, the persistent backward kernel
+    (horizon.kernels.moe_fused; router logits in fp32 there; HORIZON_MOE_BWD=torch selects the
+    grouped-GEMM backward) when available."""
     _validate(x, router_weight, w1, w3, w2, top_k, capacity_factor, activation, aux_loss_coef, z_loss_coef)
     kw = dict(top_k=top_k, renormalize=bool(renormalize), capacity_factor=capacity_factor,
               activation=activation, aux_loss_coef=float(aux_loss_coef), z_loss_coef=float(z_loss_coef))
