@@ -20,19 +20,18 @@
 // sm_90a is not written yet). Operands are staged through shared memory by plain 16-byte loads
 // (one shared stage; the next K slice is prefetched into registers during the MMAs). Data written by other blocks during the launch is read with ld.global.cg
 // (L2), never through a possibly stale L1 line.
-#include "common.cuh"
+#include "moe/moe_tiles.cuh"
 
 #include <math_constants.h>
 
 namespace {
-using bf16 = __nv_bfloat16;
+using namespace horizon_moe;
 
 constexpr int MOE_THREADS = 128;
 constexpr int MOE_WARPS = MOE_THREADS / 32;
 constexpr int MOE_MAX_E = 256;
 constexpr int MOE_MAX_K = 8;
 constexpr int CHUNK = 256;  // pairs per placement chunk (8 warp steps)
-constexpr int BM = 64, BN = 64, BK = 32, SK = BK + 8;  // SK: padded smem row (80 bytes)
 
 struct MoeArgs {
   bf16* y;
@@ -53,37 +52,6 @@ struct MoeArgs {
   bf16* outp;       // [P, H] unscaled expert outputs, by pair
   int T, H, I, E, k, cap, renorm;
 };
-
-static __device__ __forceinline__ int ldcg_i(const int* p) { return __ldcg(p); }
-static __device__ __forceinline__ float ldcg_f(const float* p) { return __ldcg(p); }
-
-static __device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-static __device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Grid-wide barrier number `n` (1, 2, ...) on a zeroed counter. Every thread fences its own
-// writes; thread 0 arrives and spins; the block barrier then releases the rest.
-static __device__ void grid_barrier(int* counter, int n) {
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    atomicAdd(counter, 1);
-    const int target = n * (int)gridDim.x;
-    while (*(volatile int*)counter < target) __nanosleep(64);
-    __threadfence();
-  }
-  __syncthreads();
-}
-
-// ---------------------------------------------------------------- 1. route
 
 static __device__ void route_phase(const MoeArgs& a, float* lg_all) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -229,57 +197,6 @@ static __device__ void scan_phase(const MoeArgs& a, int nchunks) {
   }
 }
 
-// ---------------------------------------------------------------- 5. tiles
-
-static __device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// 16-byte aligned: tiles are filled with 16-byte stores.
-struct alignas(16) TileSmem {
-  bf16 A[BM][SK];
-  bf16 B0[BN][SK];
-  bf16 B1[BN][SK];
-};
-
-static __device__ __forceinline__ unsigned lds32(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
-
-// One warp's share (32 x 32) of a 64 x 64 tile over one BK slice: acc[mi][ni][4].
-template <bool TWO>
-static __device__ __forceinline__ void mma_slice(const TileSmem& sm, float (&acc0)[2][4][4], float (&acc1)[2][4][4]) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
-  const int g = lane >> 2, q = lane & 3;
-#pragma unroll
-  for (int kk = 0; kk < BK; kk += 16) {
-    unsigned af[2][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-      const int r = wm + mi * 16 + g;
-      af[mi][0] = lds32(&sm.A[r][kk + 2 * q]);
-      af[mi][1] = lds32(&sm.A[r + 8][kk + 2 * q]);
-      af[mi][2] = lds32(&sm.A[r][kk + 2 * q + 8]);
-      af[mi][3] = lds32(&sm.A[r + 8][kk + 2 * q + 8]);
-    }
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-      const int n = wn + ni * 8 + g;
-      unsigned b0[2] = {lds32(&sm.B0[n][kk + 2 * q]), lds32(&sm.B0[n][kk + 2 * q + 8])};
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) mma16816(acc0[mi][ni], af[mi], b0);
-      if constexpr (TWO) {
-        unsigned b1[2] = {lds32(&sm.B1[n][kk + 2 * q]), lds32(&sm.B1[n][kk + 2 * q + 8])};
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) mma16816(acc1[mi][ni], af[mi], b1);
-      }
-    }
-  }
-}
-
 // 16 bytes of zeros or of src (src == nullptr means out of range).
 static __device__ __forceinline__ uint4 load16(const bf16* src, bool l2_only) {
   if (src == nullptr) return make_uint4(0u, 0u, 0u, 0u);
@@ -346,20 +263,6 @@ static __device__ void tile_gemm(TileSmem& sm, const bf16* arow0, const bf16* ar
 }
 
 static __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
-
-// Finds the expert of global row block rb: the largest e with rbp[e] <= rb (rbp is
-// non-decreasing; empty experts repeat a value and are skipped by taking the largest).
-static __device__ __forceinline__ int expert_of_row_block(const int* rbp, int E, int rb) {
-  int lo = 0, hi = E - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (ldcg_i(rbp + mid) <= rb)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
 
 static __device__ void tiles_phase(const MoeArgs& a, TileSmem& sm, int* tile_counter) {
   __shared__ int s_tile;

@@ -34,19 +34,18 @@
 // slots/tokens), the transpose done while staging into shared memory.
 // Data written earlier in this launch (dyp, dl, dg, du, dx_pair, rbp) is read with
 // ld.global.cg (L2), never through a possibly stale L1 line.
-#include "common.cuh"
+#include "moe/moe_tiles.cuh"
 
 #include <math_constants.h>
 
 // A named namespace: the unity build puts every kernel file in one translation unit, and the
 // forward's helpers live in an anonymous namespace with the same short names.
 namespace flash_moe_bwd {
-using bf16 = __nv_bfloat16;
+using namespace horizon_moe;
 
 constexpr int THREADS = 128;
 constexpr int WARPS = THREADS / 32;
 constexpr int MAX_K = 8;
-constexpr int BM = 64, BN = 64, BK = 32, SK = BK + 8;  // BM = the forward's row block
 
 struct Args {
   bf16* dx;        // [T, H]
@@ -78,33 +77,6 @@ struct Args {
   int* ready;        // [row blocks] finished mid tiles (zeroed)
   int T, H, I, E, Ep, k, renorm;
 };
-
-static __device__ __forceinline__ int ldcg_i(const int* p) { return __ldcg(p); }
-
-static __device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-static __device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Grid-wide barrier number `n` (1, 2, ...) on a zeroed counter (as in the forward).
-static __device__ void grid_barrier(int* counter, int n) {
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    atomicAdd(counter, 1);
-    const int target = n * (int)gridDim.x;
-    while (*(volatile int*)counter < target) __nanosleep(64);
-    __threadfence();
-  }
-  __syncthreads();
-}
 
 // ---------------------------------------------------------------- 1. pairs and router
 
@@ -191,56 +163,6 @@ static __device__ void pairs_phase(const Args& a) {
 }
 
 // ---------------------------------------------------------------- tile machinery
-
-static __device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Staged operands, K-contiguous: A[m][k], B0[n][k], B1[n][k]. 16-byte aligned rows (80 bytes).
-struct alignas(16) TileSmem {
-  bf16 A[BM][SK];
-  bf16 B0[BN][SK];
-  bf16 B1[BN][SK];
-};
-
-static __device__ __forceinline__ unsigned lds32(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
-
-// One warp's 32 x 32 share of the 64 x 64 tile over one BK slice. Accumulator element
-// acc[mi][ni][c] is tile row wm + 16 mi + g + 8 (c >> 1), column wn + 8 ni + 2 q + (c & 1).
-template <bool TWO>
-static __device__ __forceinline__ void mma_slice(const TileSmem& sm, float (&acc0)[2][4][4], float (&acc1)[2][4][4]) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
-  const int g = lane >> 2, q = lane & 3;
-#pragma unroll
-  for (int kk = 0; kk < BK; kk += 16) {
-    unsigned af[2][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-      const int r = wm + mi * 16 + g;
-      af[mi][0] = lds32(&sm.A[r][kk + 2 * q]);
-      af[mi][1] = lds32(&sm.A[r + 8][kk + 2 * q]);
-      af[mi][2] = lds32(&sm.A[r][kk + 2 * q + 8]);
-      af[mi][3] = lds32(&sm.A[r + 8][kk + 2 * q + 8]);
-    }
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-      const int n = wn + ni * 8 + g;
-      unsigned b0[2] = {lds32(&sm.B0[n][kk + 2 * q]), lds32(&sm.B0[n][kk + 2 * q + 8])};
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) mma16816(acc0[mi][ni], af[mi], b0);
-      if constexpr (TWO) {
-        unsigned b1[2] = {lds32(&sm.B1[n][kk + 2 * q]), lds32(&sm.B1[n][kk + 2 * q + 8])};
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi) mma16816(acc1[mi][ni], af[mi], b1);
-      }
-    }
-  }
-}
 
 // A row-major bf16 matrix M [nrows, ncols] whose row j (0 <= j < nrows) is row
 // (gather ? gather[first + j] / gdiv : first + j) of `base` (ld elements between rows).
@@ -373,19 +295,6 @@ static __device__ __forceinline__ void zero(float (&acc)[2][4][4]) {
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.f;
-}
-
-// The largest e with rbp[e] <= rb (empty experts repeat a value and are skipped).
-static __device__ __forceinline__ int expert_of_row_block(const int* rbp, int E, int rb) {
-  int lo = 0, hi = E - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (ldcg_i(rbp + mid) <= rb)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
 }
 
 static __device__ __forceinline__ void wait_ready(const int* flag, int target) {

@@ -3,7 +3,8 @@
 // shuffles and for mma.sync m16n8k16 (operand fragments placed as the PTX ISA lays them out);
 // a grid of G blocks is G forked processes over MAP_SHARED buffers, so the grid barriers, the
 // tile queue and the cross-block waits run as on the device. The kernel source is compiled as
-// is, except its asm statement, which the test swaps for host_mma16816.
+// is; with HORIZON_HOST_MMA defined, cuda/moe/moe_tiles.cuh calls host_mma16816 instead of
+// its one asm statement.
 #include "cuda_bf16.h"
 
 #include <sys/wait.h>

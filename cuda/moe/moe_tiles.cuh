@@ -1,0 +1,114 @@
+// Shared by the flash_moe forward (flash_moe.cu) and backward (flash_moe_bwd.cu): the tile
+// shape, warp reductions, the grid barrier of a co-resident persistent grid, and the
+// mma.sync m16n8k16 tile step (4 warps of 32 x 32 over a 64 x 64 tile).
+#pragma once
+#include "common.cuh"
+
+namespace horizon_moe {
+using bf16 = __nv_bfloat16;
+
+constexpr int BM = 64, BN = 64, BK = 32, SK = BK + 8;  // SK: padded smem row (80 bytes)
+
+static __device__ __forceinline__ int ldcg_i(const int* p) { return __ldcg(p); }
+static __device__ __forceinline__ float ldcg_f(const float* p) { return __ldcg(p); }
+
+static __device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+static __device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Grid-wide barrier number `n` (1, 2, ...) on a zeroed counter. Every thread fences its own
+// writes; thread 0 arrives and spins; the block barrier then releases the rest.
+static __device__ void grid_barrier(int* counter, int n) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(counter, 1);
+    const int target = n * (int)gridDim.x;
+    while (*(volatile int*)counter < target) __nanosleep(64);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------- 1. route
+
+
+// Finds the expert of global row block rb: the largest e with rbp[e] <= rb (rbp is
+// non-decreasing; empty experts repeat a value and are skipped by taking the largest).
+static __device__ __forceinline__ int expert_of_row_block(const int* rbp, int E, int rb) {
+  int lo = 0, hi = E - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (ldcg_i(rbp + mid) <= rb)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+
+
+static __device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) {
+#ifdef HORIZON_HOST_MMA
+  // tests/cuda_host: the kernels compiled for the CPU, the warp-wide MMA emulated there.
+  host_mma16816(c, a, b);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// 16-byte aligned: tiles are filled with 16-byte stores.
+struct alignas(16) TileSmem {
+  bf16 A[BM][SK];
+  bf16 B0[BN][SK];
+  bf16 B1[BN][SK];
+};
+
+static __device__ __forceinline__ unsigned lds32(const bf16* p) { return *reinterpret_cast<const unsigned*>(p); }
+
+// One warp's share (32 x 32) of a 64 x 64 tile over one BK slice: acc[mi][ni][4].
+template <bool TWO>
+static __device__ __forceinline__ void mma_slice(const TileSmem& sm, float (&acc0)[2][4][4], float (&acc1)[2][4][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+  const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < BK; kk += 16) {
+    unsigned af[2][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      const int r = wm + mi * 16 + g;
+      af[mi][0] = lds32(&sm.A[r][kk + 2 * q]);
+      af[mi][1] = lds32(&sm.A[r + 8][kk + 2 * q]);
+      af[mi][2] = lds32(&sm.A[r][kk + 2 * q + 8]);
+      af[mi][3] = lds32(&sm.A[r + 8][kk + 2 * q + 8]);
+    }
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+      const int n = wn + ni * 8 + g;
+      unsigned b0[2] = {lds32(&sm.B0[n][kk + 2 * q]), lds32(&sm.B0[n][kk + 2 * q + 8])};
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) mma16816(acc0[mi][ni], af[mi], b0);
+      if constexpr (TWO) {
+        unsigned b1[2] = {lds32(&sm.B1[n][kk + 2 * q]), lds32(&sm.B1[n][kk + 2 * q + 8])};
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) mma16816(acc1[mi][ni], af[mi], b1);
+      }
+    }
+  }
+}
+
+}  // namespace horizon_moe
