@@ -465,3 +465,18 @@ def test_torchrun_cli_trains_like_one_process_and_writes_once(tmp_path):
     ckpts = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert ckpts == ["step-000003"]
     assert two.stdout.count("done: 3 steps") == 1  # one rank reports
+
+    # resume both runs to 5 steps (each rank reads its shard of the checkpoint lazily): the
+    # 2-rank run continues with the same losses as the 1-process run
+    more = [*args[:4], "5", *args[5:], "--resume"]
+    r1 = subprocess.run([sys.executable, "-m", "horizon", *more, "--out", str(tmp_path / "one")],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert r1.returncode == 0, r1.stderr
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                         "-m", "horizon", *more, "--out", str(tmp_path / "two")],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = losses("one"), losses("two")
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x), (a, b)

@@ -360,9 +360,8 @@ def _train(c: TrainConfig, *, out, err, trainer_factory, rank: int, world: int) 
     trainer = _make_trainer(src, c, trainer_factory)
     start, position = 0, 0
     if resume_from is not None:
-        tensors, meta = ckpt.load_checkpoint(resume_from)
-        trainer.load_state_tensors(tensors)
-        del tensors
+        with ckpt.open_checkpoint(resume_from) as (tensors, meta):
+            trainer.load_state_tensors(tensors)
         start, position = int(meta["step"]), int(meta["data_position"])
         trainer.step = int(meta.get("trainer_step", start))
         _set_rng_state(meta.get("rng", {}))

@@ -16,6 +16,7 @@ is streamed tensor by tensor, so saving never holds a second copy of the model s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -193,6 +194,29 @@ def read_meta(path) -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         raise HorizonError(f"checkpoint {path}: {META_FILE} is not a Horizon checkpoint record")
     return meta
+
+
+@contextlib.contextmanager
+def open_checkpoint(path):
+    """(lazy tensors, meta) of one checkpoint directory, as a context manager: the tensors are
+    `safe_open(...).get_slice(name)` views of the file, so a data-parallel rank reads only its
+    shard (and a single process reads each tensor straight into the store, with no second
+    full copy in memory). HorizonError when missing or corrupt."""
+    path = Path(path)
+    meta = read_meta(path)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(str(path / STATE_FILE), framework="pt", device="cpu")
+    except FileNotFoundError:
+        raise HorizonError(f"checkpoint {path} has no {STATE_FILE}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise HorizonError(f"checkpoint {path}: {STATE_FILE} is corrupt ({e})") from None
+    with f:
+        try:
+            yield {k: f.get_slice(k) for k in f.keys()}, meta
+        except SafetensorError as e:
+            raise HorizonError(f"checkpoint {path}: {STATE_FILE} is corrupt ({e})") from None
 
 
 def load_checkpoint(path) -> tuple[dict, dict]:
