@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from horizon import HorizonError
-from horizon.optim import CPUAdamW, adam_config, all_finite, fused_adamw_, grad_sq_norm
+from horizon.optim import CPUAdamW, all_finite, fused_adamw_, grad_sq_norm
 
 # Sizes around the vector widths (8, 16) and the shard alignment, plus empty and scalar-like.
 SHAPES = [(0,), (1,), (7,), (17,), (33,), (13, 29), (1000,), (3, 5, 7)]

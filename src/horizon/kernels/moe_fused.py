@@ -113,7 +113,7 @@ def _valid_rows(off, P, device):
 def forward_torch(x, wr, w1, w3, w2, top_k, renormalize, cap) -> MoeState:
     """The kernel's forward written with torch ops (same routing, placement and layouts)."""
     T, H = x.shape
-    E, I = w1.shape[0], w1.shape[1]
+    E = w1.shape[0]
     P = T * top_k
     dev = x.device
     logits = x.float() @ wr.float().t()
@@ -192,7 +192,7 @@ def backward_torch(st: MoeState, dy, dlogits, x, wr, w1, w3, w2, top_k, renormal
     order (deterministic, no atomics); the router gradient goes through the (renormalised)
     softmax of the fp32 logits, plus the logits' own gradient (aux losses)."""
     T, H = x.shape
-    E, I = w1.shape[0], w1.shape[1]
+    E = w1.shape[0]
     P = T * top_k
     dev = x.device
     off = st.off.long()
