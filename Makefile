@@ -28,7 +28,7 @@ cargo-test: setup
 	cargo test --release
 
 pytest: build
-	$(PY) -m pytest -q
+	HORIZON_REQUIRE_KERNELS=1 $(PY) -m pytest -q
 
 bench: build
 	cargo bench

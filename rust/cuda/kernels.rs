@@ -33,7 +33,7 @@ pub struct KernelInfo {
 
 fn first_number_before(line: &str, suffix: &str) -> Option<u32> {
     let idx = line.find(suffix)?;
-    line[..idx].split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+    line[..idx].split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
 }
 
 /// Parses ptxas's report into one entry per (kernel, arch).

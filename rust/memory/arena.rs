@@ -384,7 +384,7 @@ mod tests {
     fn region_is_aligned_zeroed_and_writable() {
         let r = HostRegion::map(3 * HUGE_PAGE + 5, &RegionOptions::default()).unwrap();
         assert_eq!(r.as_ptr() as usize % HUGE_PAGE, 0);
-        assert!(r.len() >= 3 * HUGE_PAGE + 5 && r.len() % page_size() == 0);
+        assert!(r.len() >= 3 * HUGE_PAGE + 5 && r.len().is_multiple_of(page_size()));
         // SAFETY: inside the region.
         let s = unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), r.len()) };
         assert!(s.iter().all(|&b| b == 0));
