@@ -472,9 +472,9 @@ def test_gpu_backward_kernel_matches_grouped_gemm_backward_on_one_state():
 
 @pytest.fixture(scope="module")
 def host_bwd(tmp_path_factory):
-    """cuda/moe/flash_moe_bwd.cu compiled with g++ against tests/cuda_host/ (the CUDA runtime
-    as std::threads and forked processes), its one asm statement (in moe_tiles.cuh) replaced
-    by a host mma under HORIZON_HOST_MMA."""
+    """cuda/moe/flash_moe_bwd.cu compiled with g++ against tests/cuda_host/ (blocks as OS
+    threads, CUDA threads as fibers), its one asm statement (in moe_tiles.cuh) replaced by a
+    host mma under HORIZON_HOST_MMA."""
     import ctypes
     import pathlib
     import shutil
@@ -529,7 +529,7 @@ def test_backward_kernel_source_on_host_threads(host_bwd, T, H, I, E, k, cf, ren
     scratch = [nan(P, H), nan(T, Ep), nan(P, I), nan(P, I), nan(P, H), torch.zeros(E + 3, dtype=torch.int32),
                torch.zeros((P + 63) // 64 + E, dtype=torch.int32)]
     args = outs + [dy, dlogits, *ins, st.logits, st.tope, st.topw, st.slot, st.sorted, st.off, st.h, st.outp] + scratch
-    args = [t.contiguous().share_memory_() for t in args]  # the forked blocks write them
+    args = [t.contiguous() for t in args]  # the host blocks write them in place
     ptrs = (ctypes.c_void_p * len(args))(*[t.data_ptr() for t in args])
     ints = (ctypes.c_int * 7)(T, H, I, E, Ep, k, 1 if renorm else 0)
     assert host_bwd.run_flash_moe_bwd(ptrs, ints, blocks) == 0
@@ -551,3 +551,96 @@ def test_backward_kernel_and_emulation_validate():
         moe_fused.backward_kernel(st, torch.zeros(4, 8), None, x, wr, w1, w3, w2, 1, True)  # CPU fp32
     with pytest.raises(HorizonError, match="bm"):
         moe_fused.backward_emulate(st, torch.zeros(4, 8), None, x, wr, w1, w3, w2, 1, True, bm=0)
+
+
+# ---------------------------------------------------------------- the forward kernel's source on host threads (CPU)
+
+
+@pytest.fixture(scope="module")
+def host_moe(tmp_path_factory):
+    """cuda/moe/flash_moe.cu and flash_moe_bwd.cu (one unity translation unit, as the real
+    build) compiled with g++ for the host runtime of tests/cuda_host/ (blocks as OS threads,
+    CUDA threads as fibers, the mma.sync emulated per warp under HORIZON_HOST_MMA); the ops'
+    own launches run on it (tests/cuda_host/hostbuild.py)."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "cuda_host"))
+    import hostbuild
+
+    return hostbuild.build_kernels(["moe/flash_moe.cu", "moe/flash_moe_bwd.cu"], tmp_path_factory.mktemp("host_moe"))
+
+
+HOST_FWD_CASES = [
+    # T, H, I, E, k, capacity_factor, renormalize, SMs, blocks per SM
+    (150, 40, 72, 4, 2, None, True, 3, 1),  # 2 placement chunks, experts over several row blocks, 3 blocks
+    (40, 24, 16, 12, 8, 0.5, False, 2, 2),  # top-8, capacity drops, 4 blocks
+    (200, 16, 24, 5, 1, 0.6, True, 1, 1),  # top-1, capacity drops, K = H < BK, one block
+    (1, 16, 8, 8, 2, None, True, 1, 2),  # one token: most blocks find no work
+    (64, 16, 16, 40, 8, None, False, 2, 1),  # E > 32: lanes hold several experts; tied logits
+]
+
+
+@pytest.mark.parametrize("T,H,I,E,k,cf,renorm,sms,bps", HOST_FWD_CASES)
+def test_forward_kernel_source_on_host_threads(host_moe, monkeypatch, T, H, I, E, k, cf, renorm, sms, bps):
+    """horizon_flash_moe_fwd as forward_kernel launches it (grid, arguments, scratch), run on
+    the CPU: the routing state equals forward_torch's exactly (router logits exact by
+    construction, so top-k ties go the same way), h / outp / y within bf16 tolerance of it, and
+    y of the fp32 reference on the same bf16 values. Outputs and scratch start NaN-poisoned."""
+    import hostbuild
+
+    host_moe.patch(monkeypatch, sms=sms)
+    monkeypatch.setattr(moe_fused, "_BLOCKS_PER_SM", bps)
+    ins = _bwd_case(T, H, I, E, seed=T + E, dtype=torch.bfloat16, exact=True)
+    cap = moe.capacity_of(cf, T, k, E)
+    want = moe_fused.forward_torch(*ins, k, renorm, cap)
+    counts = (want.off[1:] - want.off[:-1]).tolist()
+    if E > 2 * k:
+        assert counts[E - 1] == 0  # an expert with no tokens
+    if cf is not None:
+        assert int(want.off[-1]) < T * k  # capacity dropped pairs
+    host_moe.launches.clear()
+    got = moe_fused.forward_kernel(*(hostbuild.fake(t) for t in ins), k, renorm, cap)
+    assert host_moe.launches == [("horizon_flash_moe_fwd", (sms * bps,), (128,), 0)]
+    assert torch.equal(got.logits, want.logits)
+    assert torch.equal(got.tope, want.tope)
+    assert torch.equal(got.slot, want.slot)
+    assert torch.equal(got.off, want.off)
+    n = int(want.off[-1])
+    assert torch.equal(got.sorted[:n], want.sorted[:n])
+    assert rel(got.topw, want.topw) < 1e-5
+    assert not got.h[:n].isnan().any() and rel(got.h[:n], want.h[:n]) < 2e-2
+    keep = want.slot >= 0
+    assert not got.outp[keep].isnan().any() and rel(got.outp[keep], want.outp[keep]) < 2e-2
+    assert not got.y.isnan().any() and rel(got.y, want.y) < 2e-2
+    fs = [t.float() for t in ins]
+    yr, _ = moe.flash_moe_reference(*fs, top_k=k, renormalize=renorm, capacity_factor=cf)
+    assert rel(got.y, yr) < 2e-2
+
+
+@pytest.mark.parametrize("T,H,I,E,k,cf,renorm,sms,bps", HOST_FWD_CASES[:3])
+def test_flash_moe_kernels_end_to_end_on_host_threads(host_moe, monkeypatch, T, H, I, E, k, cf, renorm, sms, bps):
+    """horizon.moe.flash_moe down its CUDA path (forward kernel, then the backward kernel from
+    autograd), both launches run on the CPU: y, aux and every gradient against fp32 autograd
+    through the reference on the same bf16 values."""
+    import hostbuild
+
+    host_moe.patch(monkeypatch, sms=sms)
+    monkeypatch.setattr(moe_fused, "_BLOCKS_PER_SM", bps)
+    monkeypatch.delenv("HORIZON_MOE_BWD", raising=False)
+    ins = _bwd_case(T, H, I, E, seed=2 * T + E, dtype=torch.bfloat16, exact=True)
+    kw = dict(top_k=k, renormalize=renorm, capacity_factor=cf, aux_loss_coef=0.01, z_loss_coef=0.001)
+    host_moe.launches.clear()
+    xs = [hostbuild.fake(t).requires_grad_() for t in ins]
+    y, aux = moe.flash_moe(*xs, **kw)
+    dy = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).bfloat16()
+    got = torch.autograd.grad((y.float() * dy.float()).sum() + aux, xs)
+    assert [c[0] for c in host_moe.launches] == ["horizon_flash_moe_fwd", "horizon_flash_moe_bwd"]
+    fs = [t.float().requires_grad_() for t in ins]
+    yr, auxr = moe.flash_moe_reference(*fs, **kw)
+    want = torch.autograd.grad((yr * dy.float()).sum() + auxr, fs)
+    assert rel(y, yr) < 2e-2 and abs(aux.item() - auxr.item()) <= 1e-3 * abs(auxr.item())
+    for name, a, b in zip(("dx", "dwr", "dw1", "dw3", "dw2"), got, want):
+        assert a.dtype == torch.bfloat16 and a.shape == b.shape, name
+        assert not a.isnan().any(), name
+        assert rel(a, b) < 2e-2, name

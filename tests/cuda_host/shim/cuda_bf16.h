@@ -1,6 +1,6 @@
-// Host stand-in for the CUDA headers a kernel file includes: just enough of CUDA to compile a
-// kernel file with g++ and run one thread block as 128 std::threads (tests/cuda_host/). Not on
-// nvcc's include path (the real build never sees it).
+// Host stand-in for the CUDA headers a kernel file includes: just enough of CUDA to compile the
+// kernel files with g++ and run them on host_runtime.h (a block = one OS thread running its CUDA
+// threads as fibers; tests/cuda_host/). Not on nvcc's include path (the real build never sees it).
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -15,8 +15,9 @@ using std::min;
 struct dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
-extern thread_local dim3 threadIdx;
-extern dim3 blockIdx, gridDim, blockDim;
+// Per OS thread = per block (the runtime sets threadIdx on every fiber switch).
+extern thread_local dim3 threadIdx, blockIdx;
+extern dim3 gridDim, blockDim;
 
 struct uint4 {
   unsigned x, y, z, w;
@@ -59,7 +60,9 @@ static inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{__bflo
 #define __forceinline__ inline
 #define __noinline__
 #define __launch_bounds__(...)
-#define __shared__ static  // one process runs one block: its statics are that block's shared memory
+// One OS thread runs one block, so its thread_local statics are that block's shared memory.
+// (Dynamic `extern __shared__` arrays are rewritten by tests/cuda_host/hostbuild.py.)
+#define __shared__ static thread_local
 
 template <class T>
 static inline T __ldg(const T* p) {
@@ -75,11 +78,21 @@ static inline uint4 __ldcg(const uint4* p) {
   return v;
 }
 void __syncthreads();
+void __syncwarp(unsigned mask = 0xffffffffu);
 float __shfl_xor_sync(unsigned, float v, int o);
 int __shfl_xor_sync(unsigned, int v, int o);
+unsigned __match_any_sync(unsigned, int v);
+int __any_sync(unsigned, int pred);
+void __nanosleep(unsigned);
+static inline int __popc(unsigned v) { return __builtin_popcount(v); }
+static inline int __ffs(unsigned v) { return __builtin_ffs((int)v); }
+// glibc declares __expf/__logf itself: the intrinsics become the libm calls.
+#define __expf(v) std::exp((float)(v))
+#define __logf(v) std::log((float)(v))
+static inline float rsqrtf(float v) { return 1.f / std::sqrt(v); }
+using std::isfinite;
 static inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 static inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-static inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 static inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 // Replaces the kernel's inline-PTX mma.sync.m16n8k16 (the test rewrites the asm statement).
 void host_mma16816(float c[4], const unsigned a[4], const unsigned b[2]);
