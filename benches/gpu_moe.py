@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from cuda_timing import median_ms
+
 SHAPES = {
     "mixtral-8x7b": dict(H=4096, I=14336, E=8, k=2),
     "qwen3-30b-a3b": dict(H=2048, I=768, E=128, k=8),
@@ -20,21 +22,7 @@ SHAPES = {
 
 
 def bench(fn, iters=10, warmup=3):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    return median_ms(fn, iters=iters, warmup=warmup)
 
 
 def run_shape(torch, moe, moe_fused, shape, routing, T, H, I, E, k, x, w, peak):
