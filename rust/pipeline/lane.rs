@@ -38,8 +38,6 @@ pub enum Job {
     /// `skip_nonfinite`, a gradient holding NaN/Inf leaves the layer untouched (counted in
     /// the lane's `skipped`): the check runs here, so the device never waits on the host.
     Adam { p: RawPtr, g: RawPtr, m: RawPtr, v: RawPtr, w_bf16: RawPtr, n: usize, hp: AdamParams, skip_nonfinite: bool },
-    /// dst (f32) += src (f32) over `n` elements.
-    Accumulate { dst: RawPtr, src: RawPtr, n: usize },
     /// Nothing: used to mark a point in the lane (e.g. "everything before is done").
     Marker,
 }
@@ -228,13 +226,6 @@ fn execute(step: Step, lane: &LaneState) -> Result<(), String> {
                 let w = (w_bf16.0 != 0).then(|| std::slice::from_raw_parts_mut(w_bf16.0 as *mut u16, n));
                 adam::adamw_step(p, g, m, v, w, &hp);
             }
-            Job::Accumulate { dst, src, n } => {
-                let d = std::slice::from_raw_parts_mut(dst.0 as *mut f32, n);
-                let s = std::slice::from_raw_parts(src.0 as *const f32, n);
-                for (a, b) in d.iter_mut().zip(s) {
-                    *a += *b;
-                }
-            }
             Job::Marker => {}
         }
     }
@@ -266,31 +257,41 @@ mod tests {
 
     #[test]
     fn cross_lane_dependency_and_slot_release() {
+        // copy lane lands a gradient; the optimizer lane runs AdamW on it only after the
+        // landing, then frees the landing slot
         let copy = Lane::new("copy");
         let opt = Lane::new("opt");
         let ring = Arc::new(SlotRing::new(1));
         let slot = ring.try_acquire().unwrap();
-        let src = vec![1.5f32; 1000];
-        let mut landing = vec![0f32; 1000];
-        let mut acc = vec![1f32; 1000];
+        let n = 1000;
+        let src = vec![0.5f32; n];
+        let mut landing = vec![0f32; n];
+        let (mut p, mut m, mut v) = (vec![1f32; n], vec![0f32; n], vec![0f32; n]);
+        let hp = AdamParams { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 1, grad_scale: 1.0 };
         let t1 = copy.submit(Step {
-            job: Job::Copy {
-                dst: RawPtr(landing.as_mut_ptr() as usize),
-                src: RawPtr(src.as_ptr() as usize),
-                bytes: 4000,
-            },
+            job: Job::Copy { dst: RawPtr(landing.as_mut_ptr() as usize), src: RawPtr(src.as_ptr() as usize), bytes: 4 * n },
             after: vec![],
             cuda_event: None,
             release: None,
         });
         let t2 = opt.submit(Step {
-            job: Job::Accumulate { dst: RawPtr(acc.as_mut_ptr() as usize), src: RawPtr(landing.as_ptr() as usize), n: 1000 },
+            job: Job::Adam {
+                p: RawPtr(p.as_mut_ptr() as usize),
+                g: RawPtr(landing.as_ptr() as usize),
+                m: RawPtr(m.as_mut_ptr() as usize),
+                v: RawPtr(v.as_mut_ptr() as usize),
+                w_bf16: RawPtr(0),
+                n,
+                hp,
+                skip_nonfinite: true,
+            },
             after: vec![t1],
             cuda_event: None,
             release: Some((ring.clone(), slot)),
         });
         t2.wait().unwrap();
-        assert!(acc.iter().all(|&x| x == 2.5));
+        // step 1 of Adam moves every parameter by -lr * sign(g) (up to eps)
+        assert!(p.iter().all(|&x| (x - 0.9).abs() < 1e-5), "{}", p[0]);
         assert_eq!(ring.free_count(), 1);
         drop(landing);
     }

@@ -79,6 +79,16 @@ fn deps(after: Option<Vec<PyRef<'_, PyTicket>>>) -> Vec<Ticket> {
     after.unwrap_or_default().iter().map(|t| t.t.clone()).collect()
 }
 
+/// A job with its ordering: tickets to wait for, a CUDA event to sync on, a slot to free after.
+fn step_of(
+    job: Job,
+    after: Option<Vec<PyRef<'_, PyTicket>>>,
+    cuda_event: Option<(u64, i32)>,
+    release: Option<(PyRef<'_, PySlotRing>, usize)>,
+) -> PyResult<Step> {
+    Ok(Step { job, after: deps(after), cuda_event, release: release_of(release)? })
+}
+
 fn release_of(release: Option<(PyRef<'_, PySlotRing>, usize)>) -> PyResult<Option<(Arc<SlotRing>, usize)>> {
     match release {
         None => Ok(None),
@@ -120,13 +130,8 @@ impl PyPipeline {
         if nbytes > 0 && (dst == 0 || src == 0) {
             return Err(err("copy: null pointer"));
         }
-        let step = Step {
-            job: Job::Copy { dst: RawPtr(dst), src: RawPtr(src), bytes: nbytes },
-            after: deps(after),
-            cuda_event,
-            release: release_of(release)?,
-        };
-        Ok(PyTicket { t: self.lane(lane)?.submit(step) })
+        let job = Job::Copy { dst: RawPtr(dst), src: RawPtr(src), bytes: nbytes };
+        Ok(PyTicket { t: self.lane(lane)?.submit(step_of(job, after, cuda_event, release)?) })
     }
 
     /// Queues AdamW over `n` fp32 elements on the optimizer lane (`w_bf16` = 0: no bf16 copy).
@@ -160,40 +165,14 @@ impl PyPipeline {
         }
         let hp = AdamParams { lr, beta1, beta2, eps, weight_decay, step, grad_scale };
         let job = Job::Adam { p: RawPtr(p), g: RawPtr(g), m: RawPtr(m), v: RawPtr(v), w_bf16: RawPtr(w_bf16), n, hp, skip_nonfinite };
-        let s = Step { job, after: deps(after), cuda_event, release: release_of(release)? };
-        Ok(PyTicket { t: self.optimizer.submit(s) })
-    }
-
-    /// Queues dst += src over `n` fp32 elements on `lane`.
-    #[pyo3(signature = (lane, dst, src, n, *, after=None, cuda_event=None, release=None))]
-    fn accumulate(
-        &self,
-        lane: &str,
-        dst: usize,
-        src: usize,
-        n: usize,
-        after: Option<Vec<PyRef<'_, PyTicket>>>,
-        cuda_event: Option<(u64, i32)>,
-        release: Option<(PyRef<'_, PySlotRing>, usize)>,
-    ) -> PyResult<PyTicket> {
-        if n > 0 && (dst == 0 || src == 0) {
-            return Err(err("accumulate: null pointer"));
-        }
-        let s = Step {
-            job: Job::Accumulate { dst: RawPtr(dst), src: RawPtr(src), n },
-            after: deps(after),
-            cuda_event,
-            release: release_of(release)?,
-        };
-        Ok(PyTicket { t: self.lane(lane)?.submit(s) })
+        Ok(PyTicket { t: self.optimizer.submit(step_of(job, after, cuda_event, release)?) })
     }
 
     /// A ticket that is done once every job queued on `lane` so far has run (and, when given,
     /// the CUDA event has completed).
     #[pyo3(signature = (lane, *, cuda_event=None))]
     fn marker(&self, lane: &str, cuda_event: Option<(u64, i32)>) -> PyResult<PyTicket> {
-        let s = Step { job: Job::Marker, after: vec![], cuda_event, release: None };
-        Ok(PyTicket { t: self.lane(lane)?.submit(s) })
+        Ok(PyTicket { t: self.lane(lane)?.submit(step_of(Job::Marker, None, cuda_event, None)?) })
     }
 
     /// Waits for every lane to run what it has been given.
