@@ -113,19 +113,24 @@ pub fn adamw_step_with(
     check_hp(hp);
     let n = p.len();
     let c = Consts::new(hp);
-    let b = Bufs {
-        p: p.as_mut_ptr(),
-        g: g.as_ptr(),
-        m: m.as_mut_ptr(),
-        v: v.as_mut_ptr(),
-        w: w_bf16.map_or(std::ptr::null_mut(), |w| w.as_mut_ptr()),
-        stream_w: n >= STREAM_MIN,
-    };
+    let b = bufs(p, g, m, v, w_bf16);
     match pool.filter(|p| p.threads() > 1) {
         // SAFETY: the level was checked; chunks are disjoint and in bounds.
         Some(pool) => sharded(pool, n, SHARD_ALIGN, CHUNK, &|s, e| unsafe { run_shard(level, b, s, e, &c) }),
         // SAFETY: as above, one range.
         None => unsafe { run_shard(level, b, 0, n, &c) },
+    }
+}
+
+/// The raw views the kernels take; the bf16 copy streams past the caches from STREAM_MIN on.
+fn bufs(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], w_bf16: Option<&mut [u16]>) -> Bufs {
+    Bufs {
+        p: p.as_mut_ptr(),
+        g: g.as_ptr(),
+        m: m.as_mut_ptr(),
+        v: v.as_mut_ptr(),
+        w: w_bf16.map_or(std::ptr::null_mut(), |w| w.as_mut_ptr()),
+        stream_w: p.len() >= STREAM_MIN,
     }
 }
 
@@ -173,14 +178,7 @@ pub fn memory_roof_pass(
     check_lengths(p, g, m, v, &w_bf16);
     let level = simd::detected();
     let n = p.len();
-    let b = Bufs {
-        p: p.as_mut_ptr(),
-        g: g.as_ptr(),
-        m: m.as_mut_ptr(),
-        v: v.as_mut_ptr(),
-        w: w_bf16.map_or(std::ptr::null_mut(), |w| w.as_mut_ptr()),
-        stream_w: n >= STREAM_MIN,
-    };
+    let b = bufs(p, g, m, v, w_bf16);
     let one = |s: usize, e: usize| unsafe {
         // SAFETY: level is the detected one; the range is in bounds.
         match level {

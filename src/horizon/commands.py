@@ -12,21 +12,22 @@ import sys
 from .errors import HorizonError
 
 
-def _positive_int(s: str) -> int:
+def _parse_int(s: str) -> int:
     try:
-        v = int(s)
+        return int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid integer {s!r}") from None
+
+
+def _positive_int(s: str) -> int:
+    v = _parse_int(s)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
     return v
 
 
 def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {s!r}") from None
+    v = _parse_int(s)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
