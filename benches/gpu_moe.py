@@ -92,8 +92,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_moe: no CUDA GPU on this machine; nothing measured")
         return 0
-    from horizon import moe
-    from horizon.kernels import moe_fused
+    from horizon.kernels.moe import reference as moe
+    from horizon.kernels.moe import fused as moe_fused
 
     dev = torch.device("cuda")
     results = {"device": torch.cuda.get_device_name(dev), "runs": []}

@@ -13,9 +13,9 @@ import pytest
 from horizon import HorizonError
 from horizon.cli import build_parser
 from horizon.cli import main as cli_main
-from horizon.commands import train_config_from_args
-from horizon.config import TrainConfig
-from horizon.train_cli import Progress
+from horizon.cli import train_config_from_args
+from horizon.run.config import TrainConfig
+from horizon.run.progress import Progress
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--seq-len", "32"]
 
@@ -32,7 +32,7 @@ def _model_dir(root: Path, name: str, config, weights: bytes | None = b"") -> Pa
 
 @pytest.fixture(scope="module")
 def bad_cases(tmp_path_factory):
-    from horizon import presets
+    from horizon.models import presets
     from horizon.data import shipped_tokenizer_path
 
     root = tmp_path_factory.mktemp("bad")
@@ -124,17 +124,17 @@ def test_options_merge_defaults_toml_flags(tmp_path):
     cfg.write_text('preset = "tiny"\nsteps = 50\nlr = 1\nseq-len = 64\ndata = ["corpus.txt"]\n[train]\nbatch_size = 4\n')
     args = build_parser().parse_args(["train", "--config", str(cfg), "--steps", "7", "--grad-clip", "1.0"])
     c = train_config_from_args(args)
-    assert c.steps == 7                               # flag beats file
-    assert c.lr == 1.0 and isinstance(c.lr, float)    # file beats default
-    assert c.seq_len == 64 and c.batch_size == 4 and c.grad_clip == 1.0
-    assert c.data == [str(tmp_path / "corpus.txt")]   # relative to the config file
-    assert c.micro_batch_size is None and c.seed == TrainConfig().seed  # defaults stay
+    assert c.run.steps == 7                           # flag beats file
+    assert c.optim.lr == 1.0 and isinstance(c.optim.lr, float)  # file beats default
+    assert c.data.seq_len == 64 and c.data.batch_size == 4 and c.optim.grad_clip == 1.0
+    assert c.data.paths == [str(tmp_path / "corpus.txt")]  # relative to the config file
+    assert c.engine.micro_batch_size is None and c.run.seed == TrainConfig().run.seed  # defaults stay
     with pytest.raises(HorizonError, match="--micro-batch-size 9 exceeds --batch-size 4"):
         train_config_from_args(build_parser().parse_args(["train", "--config", str(cfg), "--micro-batch-size", "9"]))
 
 
 def test_lr_schedule_warmup_then_cosine():
-    c = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=110, steps=200)
+    c = TrainConfig.from_flat(dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=110, steps=200)).lr_schedule()
     for step in range(0, 200):
         if step < 10:
             want = 1e-3 * (step + 1) / 10
@@ -143,7 +143,7 @@ def test_lr_schedule_warmup_then_cosine():
         else:
             want = 1e-4
         assert c.lr_at(step) == pytest.approx(want, rel=1e-12, abs=1e-18), step
-    d = TrainConfig(lr=2e-3, steps=300)  # warm-up 5% of the horizon (15), min lr/10, horizon = steps
+    d = TrainConfig.from_flat(dict(lr=2e-3, steps=300)).lr_schedule()  # warm-up 5% of 300, min lr/10
     assert d.lr_at(14) == pytest.approx(2e-3) and d.lr_at(299) == pytest.approx(2e-4, rel=1e-3)
 
 

@@ -1,5 +1,5 @@
 """The layer-major engine against HF transformers + torch.optim.AdamW (step-for-step
-equivalence), and its streaming / memory invariants (DESIGN.md).
+equivalence), and its streaming / memory invariants (docs/engine.md).
 
 Only the equivalence tests need transformers (the GPU image may lack it); the others build
 their configs as plain dicts."""

@@ -355,7 +355,8 @@ def test_every_kernel_the_ops_launch_is_embedded_without_spills():
     """The Python ops and the fatbin agree on kernel names, and ptxas reported no spills for
     them on sm_80 and sm_90a (runs without a GPU: it reads the build report)."""
     from horizon import native
-    from horizon.kernels import grad, moe_fused
+    from horizon.kernels import grad
+    from horizon.kernels.moe import fused as moe_fused
 
     if not native.has_kernels():
         pytest.skip("built without kernels (no nvcc)")

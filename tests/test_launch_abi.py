@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from horizon import moe, native
-from horizon.kernels import _common, moe_fused
+from horizon.kernels import _common
+from horizon.kernels.moe import fused as moe_fused
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

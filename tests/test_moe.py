@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from horizon import HorizonError
-from horizon import moe
+from horizon.kernels.moe import reference as moe
 from horizon.moe import flash_moe
 
 
@@ -186,7 +186,7 @@ def test_flash_moe_validates():
 
 # ---------------------------------------------------------------- the fused path's torch twin (CPU)
 
-from horizon.kernels import moe_fused  # noqa: E402
+from horizon.kernels.moe import fused as moe_fused  # noqa: E402
 
 
 @pytest.mark.parametrize("T,E,k,cf,renorm", [(37, 8, 2, None, True), (29, 16, 8, None, False), (41, 5, 1, 0.6, True),
@@ -632,7 +632,7 @@ def test_flash_moe_kernels_end_to_end_on_host_threads(host_moe, monkeypatch, T, 
     kw = dict(top_k=k, renormalize=renorm, capacity_factor=cf, aux_loss_coef=0.01, z_loss_coef=0.001)
     host_moe.launches.clear()
     xs = [hostbuild.fake(t).requires_grad_() for t in ins]
-    y, aux = moe.flash_moe(*xs, **kw)
+    y, aux = flash_moe(*xs, **kw)
     dy = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).bfloat16()
     got = torch.autograd.grad((y.float() * dy.float()).sum() + aux, xs)
     assert [c[0] for c in host_moe.launches] == ["horizon_flash_moe_fwd", "horizon_flash_moe_bwd"]

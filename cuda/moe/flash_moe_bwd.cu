@@ -60,7 +60,7 @@ struct Args {
   const bf16* w1;
   const bf16* w3;
   const bf16* w2;
-  const float* logits;  // forward state (see moe_fused.MoeState)
+  const float* logits;  // forward state (see kernels/moe/fused.py, MoeState)
   const int* tope;
   const float* topw;
   const int* slot;

@@ -1,4 +1,4 @@
-"""Scale-out on torch.distributed (DESIGN.md, "Scale-out"): joining the process group that
+"""Scale-out on torch.distributed (docs/distributed.md): joining the process group that
 torchrun describes in the environment, and the small helpers the trainer and the CLI share
 (who is rank 0, which micro-batches are this rank's, how the ranks split a layer's state).
 

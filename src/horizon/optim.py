@@ -240,3 +240,31 @@ class CPUAdamW(torch.optim.Optimizer):
                 if target is not p:
                     p.copy_(target)
         return loss
+
+
+# ----------------------------------------------------------------------------- options
+from dataclasses import dataclass  # noqa: E402
+
+from .options import check_fields, option  # noqa: E402
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW's hyper-parameters and gradient clipping: the defaults of `horizon train` and of
+    `horizon.Trainer` alike. `lr` is the peak of the schedule (the run's `ScheduleConfig` decays
+    it)."""
+
+    lr: float = option(2e-3, "peak learning rate", gt=0.0, metavar="LR")
+    beta1: float = option(0.9, "AdamW beta1", ge=0.0, lt=1.0, metavar="B1")
+    beta2: float = option(0.95, "AdamW beta2", ge=0.0, lt=1.0, metavar="B2")
+    eps: float = option(1e-8, "AdamW epsilon", gt=0.0, metavar="EPS")
+    weight_decay: float = option(0.0, "decoupled AdamW weight decay", ge=0.0, metavar="WD")
+    grad_clip: float | None = option(None, "clip the global gradient norm to this value", gt=0.0, metavar="NORM",
+                                     default_help="off")
+
+    def __post_init__(self):
+        check_fields(self)
+
+    @property
+    def betas(self) -> tuple:
+        return (self.beta1, self.beta2)

@@ -2,7 +2,7 @@
 bytes per step, a step-time lower bound) and whether it fits this machine. `horizon train` asks
 the same question before it allocates anything.
 
-The footprint follows DESIGN.md ("Footprint"): host 14 bytes per parameter (fp32 master 4, Adam
+The footprint follows docs/engine.md ("Footprint"): host 14 bytes per parameter (fp32 master 4, Adam
 m and v 8, bf16 compute copy 2) plus 4 for the fp32 gradient buffer with gradient clipping, plus
 gradient landing slots and any offloaded activation checkpoints; device = weight slots of the
 largest layer + its fp32 gradient accumulator + activation checkpoints + one block's live
@@ -15,11 +15,10 @@ import math
 import os
 from dataclasses import dataclass
 
+from .data.config import DataConfig
+from .engine.config import EngineConfig, check_micro_batch
 from .errors import HorizonError
-
-DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
-ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
+from .models import ModelSpec, layer_defs
 
 GIB = 1 << 30
 WEIGHT_SLOTS = 2        # S: layers resident on the device at once (one computing, one loading)
@@ -41,124 +40,38 @@ HOST_MEMORY_GBPS = 50.0          # for the optimizer pass: ~30 bytes per paramet
 ADAM_BYTES_PER_PARAM = 30
 
 
-def _int(config: dict, key: str, default=None, minimum: int = 1) -> int:
-    v = config.get(key, default)
-    if v is None:
-        raise HorizonError(f"model config has no {key!r}")
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise HorizonError(f"model config {key!r} must be an integer >= {minimum}, got {v!r}")
-    return v
-
-
-def architecture(config: dict) -> str:
-    archs = config.get("architectures")
-    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
-        mt = config.get("model_type")
-        raise HorizonError(f"model config has no 'architectures' list (model_type {mt!r}); cannot tell what model this is")
-    arch = archs[0]
-    if arch not in ARCHITECTURES:
-        raise HorizonError(f"unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
-    return arch
-
-
-@dataclass
-class ModelShape:
-    arch: str
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    tied: bool
-    max_positions: int
-    experts: int = 0
-    top_k: int = 0
-    moe_intermediate: int = 0
-    sparse_layers: tuple = ()
-
-    @property
-    def is_moe(self) -> bool:
-        return self.experts > 0
-
-
-def model_shape(config: dict) -> ModelShape:
-    """Reads and validates the sizes of a supported architecture's config.json."""
+def read_model(config) -> ModelSpec:
+    """The model a plan is for: the same reader `horizon train` uses (a ModelSpec from a
+    config.json dict), so both accept and refuse the same models with the same message."""
+    if isinstance(config, ModelSpec):
+        return config
     if not isinstance(config, dict):
         raise HorizonError("model config must be a JSON object")
-    arch = architecture(config)
-    hidden = _int(config, "hidden_size")
-    heads = _int(config, "num_attention_heads")
-    kv = _int(config, "num_key_value_heads", heads)
-    if heads % kv:
-        raise HorizonError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-    head_dim = config.get("head_dim") or hidden // heads
-    layers = _int(config, "num_hidden_layers")
-    s = ModelShape(
-        arch=arch, vocab=_int(config, "vocab_size"), hidden=hidden, layers=layers, heads=heads,
-        kv_heads=kv, head_dim=_int({"head_dim": head_dim}, "head_dim"),
-        intermediate=_int(config, "intermediate_size"),
-        tied=bool(config.get("tie_word_embeddings", False)),
-        max_positions=_int(config, "max_position_embeddings", 2048),
-    )
-    if arch == "MixtralForCausalLM":
-        s.experts = _int(config, "num_local_experts")
-        s.top_k = _int(config, "num_experts_per_tok")
-        s.moe_intermediate = s.intermediate
-        s.sparse_layers = tuple(range(layers))
-    elif arch == "Qwen3MoeForCausalLM":
-        s.experts = _int(config, "num_experts")
-        s.top_k = _int(config, "num_experts_per_tok")
-        s.moe_intermediate = _int(config, "moe_intermediate_size")
-        step = _int(config, "decoder_sparse_step", 1)
-        dense_only = set(config.get("mlp_only_layers") or [])
-        s.sparse_layers = tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
-    if s.is_moe and s.top_k > s.experts:
-        raise HorizonError(f"num_experts_per_tok {s.top_k} exceeds the number of experts {s.experts}")
-    return s
+    return ModelSpec.from_hf_config(config)
 
 
-def _attention_params(s: ModelShape, config: dict) -> int:
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    n = s.hidden * q + 2 * s.hidden * kv + q * s.hidden
-    if s.arch == "Qwen2ForCausalLM":
-        n += q + 2 * kv  # q, k, v biases
-    elif config.get("attention_bias"):
-        n += q + 2 * kv + s.hidden
-    if s.arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
-        n += 2 * s.head_dim  # q_norm, k_norm
-    return n
+def layer_parameters(config) -> list[tuple[str, int]]:
+    """Parameters per streamed layer, in order: embedding, each block, final norm + head;
+    counted from the templates' own tensor tables (what the host store allocates)."""
+    return [(d.key, sum(math.prod(shape) for shape in d.shapes.values())) for d in layer_defs(read_model(config))]
 
 
-def layer_parameters(config: dict) -> list[tuple[str, int]]:
-    """Parameters per streamed layer, in order: embedding, each block, final norm + head."""
-    s = model_shape(config)
-    attn = _attention_params(s, config)
-    mlp_bias = bool(config.get("mlp_bias")) and s.arch == "LlamaForCausalLM"
-    dense_mlp = 3 * s.hidden * s.intermediate + (2 * s.intermediate + s.hidden if mlp_bias else 0)
-    moe_mlp = s.experts * 3 * s.hidden * s.moe_intermediate + s.hidden * s.experts
-    out = [("embed", s.vocab * s.hidden)]
-    sparse = set(s.sparse_layers)
-    for i in range(s.layers):
-        out.append((f"block.{i}", attn + 2 * s.hidden + (moe_mlp if i in sparse else dense_mlp)))
-    out.append(("head", s.hidden + (0 if s.tied else s.vocab * s.hidden)))
-    return out
-
-
-def count_parameters(config: dict) -> int:
+def count_parameters(config) -> int:
     return sum(n for _, n in layer_parameters(config))
 
 
-def _block_activation_bytes(s: ModelShape, tokens: int) -> int:
+def _block_activation_bytes(s: ModelSpec, tokens: int) -> int:
     """Live bytes of one block's recompute + backward for `tokens` tokens, in bf16: the saved
     forward tensors (block input, two norm outputs, q/k/v, attention output, attention-out and
     MLP-out residuals, gate/up/product of the MLP; for MoE the k routed copies and the router
     logits) and as much again for their gradients. Attention is assumed memory-efficient (no
     sequence x sequence matrix)."""
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    mlp = 3 * (s.top_k * s.moe_intermediate + s.experts) if s.is_moe else 3 * s.intermediate
-    per_token = 5 * s.hidden + q + 2 * kv + q + mlp
+    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    if s.is_moe:
+        mlp = 3 * (s.num_experts_per_tok * s.moe_intermediate_size + s.num_experts)
+    else:
+        mlp = 3 * s.intermediate_size
+    per_token = 5 * s.hidden_size + q + 2 * kv + q + mlp
     return 2 * 2 * tokens * per_token
 
 
@@ -210,22 +123,19 @@ def _cores() -> int:
 
 
 def this_machine(device: str = "auto") -> Machine:
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise HorizonError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+    """The machine a run on `device` (an EngineConfig device) would use, as it is now."""
     host = _host_available()
     if device == "cpu":
         return Machine("cpu", "CPU", host, 0, _cores())
     import torch
 
-    if not torch.cuda.is_available():
-        if device != "auto":
-            raise HorizonError(f"device {device!r} requested but no CUDA GPU is available")
+    from .engine.config import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type != "cuda":
         return Machine("cpu", "CPU", host, 0, _cores())
-    idx = torch.device(device if device != "auto" else "cuda").index or 0
-    if idx >= torch.cuda.device_count():
-        raise HorizonError(f"device {device!r} does not exist ({torch.cuda.device_count()} GPUs)")
-    free, total = torch.cuda.mem_get_info(idx)
-    return Machine("cuda", torch.cuda.get_device_name(idx), host, int(free), _cores())
+    free, total = torch.cuda.mem_get_info(dev.index)
+    return Machine("cuda", torch.cuda.get_device_name(dev.index), host, int(free), _cores())
 
 
 def _rates(machine: Machine):
@@ -242,13 +152,13 @@ def _rates(machine: Machine):
 def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
               grad_clip: bool = False, machine: Machine | None = None) -> dict:
     """The footprint and step-time bound of training `config` at these sizes on `machine`."""
-    for name, v in (("batch size", batch_size), ("sequence length", seq_len)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise HorizonError(f"{name} must be a positive integer, got {v!r}")
-    mb = batch_size if micro_batch_size is None else micro_batch_size
-    if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1 or mb > batch_size:
-        raise HorizonError(f"micro batch size must be between 1 and the batch size {batch_size}, got {mb!r}")
-    s = model_shape(config)
+    # The rules of the run's own options (data shape, micro-batch), checked the same way.
+    DataConfig(seq_len=seq_len, batch_size=batch_size)
+    EngineConfig(micro_batch_size=micro_batch_size)
+    mb = check_micro_batch(micro_batch_size, batch_size)
+    s = read_model(config)
+    if seq_len > s.max_positions:
+        raise HorizonError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {s.max_positions}")
     machine = machine or this_machine()
     layers = layer_parameters(config)
     n = sum(p for _, p in layers)
@@ -262,13 +172,13 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
         "grad_buffer_fp32": 4 * n if grad_clip else 0,
         "landing_slots": LANDING_SLOTS * 4 * largest,
     }
-    checkpoints = s.layers * tokens * s.hidden * 2
+    checkpoints = s.num_layers * tokens * s.hidden_size * 2
     device = {
         "weight_slots": WEIGHT_SLOTS * 2 * largest,
         "grad_accumulator_fp32": 4 * largest,
         "activation_checkpoints": checkpoints,
         "block_activations": _block_activation_bytes(s, mb * seq_len),
-        "loss_chunk": 2 * 4 * min(LOSS_CHUNK_TOKENS, mb * seq_len) * s.vocab,
+        "loss_chunk": 2 * 4 * min(LOSS_CHUNK_TOKENS, mb * seq_len) * s.vocab_size,
     }
     offloaded = False
     if machine.device == "cuda" and sum(device.values()) > machine.device_bytes:
@@ -299,9 +209,9 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
         fits_host = host_total + device_total <= machine.host_bytes - margin
         fits_device = True
     return {
-        "architecture": s.arch,
+        "architecture": s.architecture,
         "parameters": n,
-        "layers": s.layers,
+        "layers": s.num_layers,
         "largest_layer_parameters": largest,
         "batch_size": batch_size, "seq_len": seq_len, "micro_batch_size": mb,
         "tokens_per_step": tokens, "grad_clip": bool(grad_clip),

@@ -4,56 +4,38 @@ HF import/export goes through `horizon.io.hf`."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .errors import HorizonError
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "torch.float32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "torch.bfloat16": torch.bfloat16,
-}
+_UNSET = object()
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+def _configs(optim, engine, kw: dict):
+    """The trainer's optimizer and engine configs: `optim` / `engine` (defaults when None) with
+    the keyword arguments given (torch-style `betas`) applied on top; validated once, there."""
+    from dataclasses import replace
+
+    from .engine.config import EngineConfig
+    from .optim import OptimizerConfig
+    from .options import ConfigError, flag
+
+    optim = optim if optim is not None else OptimizerConfig()
+    engine = engine if engine is not None else EngineConfig()
+    betas = kw.pop("betas", _UNSET)
+    if betas is not _UNSET:
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise HorizonError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        kw["beta1"], kw["beta2"] = betas
+    o = {k: v for k, v in kw.items() if k in OptimizerConfig.__dataclass_fields__ and v is not _UNSET}
+    e = {k: v for k, v in kw.items() if k in EngineConfig.__dataclass_fields__ and v is not _UNSET}
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise HorizonError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise HorizonError(f"device {device!r} asked for, but there is no CUDA GPU")
-        return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
-    if dev.type != "cpu":
-        raise HorizonError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}")
-    return dev
-
-
-def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        resolved = _DTYPES[dtype.lower()]
-    else:
-        raise HorizonError(f"compute_dtype must be float32 or bfloat16, got {dtype!r}")
-    if resolved not in (torch.float32, torch.bfloat16):
-        raise HorizonError(f"compute_dtype must be float32 or bfloat16, got {dtype!r}")
-    return resolved
-
-
-def _check_number(name, value, *, low=None, low_open=False, high=None, high_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise HorizonError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise HorizonError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise HorizonError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
-    return float(value)
+        return replace(optim, **o), replace(engine, **e)
+    except ConfigError as err:
+        # The same rule as the command line's, named as this API spells the argument.
+        name = err.option or ""
+        shown = {"beta1": "betas[0]", "beta2": "betas[1]"}.get(name, name) if betas is not _UNSET else name
+        raise ConfigError(str(err).replace(flag(name), shown), err.option) from None
 
 
 class Trainer:
@@ -65,33 +47,29 @@ class Trainer:
     state sharded across the ranks (`data_parallel`; docs/distributed.md).
     """
 
-    def __init__(self, spec, *, device="auto", compute_dtype=None, lr=1e-4, weight_decay=0.0,
-                 betas=(0.9, 0.999), eps=1e-8, grad_clip=None, micro_batch_size=None,
-                 track_grad_norm=True, n_slots=2, offload_checkpoints=None, data_parallel=None, _init=None):
+    def __init__(self, spec, *, optim=None, engine=None, device=_UNSET, compute_dtype=_UNSET, lr=_UNSET,
+                 weight_decay=_UNSET, betas=_UNSET, eps=_UNSET, grad_clip=_UNSET, micro_batch_size=_UNSET,
+                 track_grad_norm=_UNSET, n_slots=_UNSET, offload_checkpoints=_UNSET, data_parallel=None, _init=None):
+        """`optim` (OptimizerConfig) and `engine` (EngineConfig) give the options whole; the
+        keyword arguments override single fields (defaults: those of the configs, the same as
+        `horizon train`'s)."""
         from . import distributed as hdist
         from .engine import HostModel, LayerMajorEngine
+        from .engine.config import resolve_device, resolve_dtype
 
-        self.device = _resolve_device(device)
-        self.compute_dtype = _resolve_dtype(compute_dtype, self.device)
-        self.lr = _check_number("lr", lr, low=0.0)
-        self.weight_decay = _check_number("weight_decay", weight_decay, low=0.0)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise HorizonError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = (
-            _check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True),
-            _check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True),
-        )
-        self.eps = _check_number("eps", eps, low=0.0, low_open=True)
-        self.grad_clip = None if grad_clip is None else _check_number("grad_clip", grad_clip, low=0.0, low_open=True)
-        if micro_batch_size is not None and (
-            isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size <= 0
-        ):
-            raise HorizonError(f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}")
-        self.micro_batch_size = micro_batch_size
-        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 2:
-            raise HorizonError(f"n_slots must be an int >= 2, got {n_slots!r}")
-        if offload_checkpoints not in (None, True, False):
-            raise HorizonError(f"offload_checkpoints must be None, True or False, got {offload_checkpoints!r}")
+        self.optim_config, self.engine_config = _configs(optim, engine, dict(
+            device=device, compute_dtype=compute_dtype, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+            grad_clip=grad_clip, micro_batch_size=micro_batch_size, track_grad_norm=track_grad_norm,
+            n_slots=n_slots, offload_checkpoints=offload_checkpoints))
+        oc, ec = self.optim_config, self.engine_config
+        self.device = resolve_device(ec.device)
+        self.compute_dtype = resolve_dtype(ec.compute_dtype, self.device)
+        self.lr = oc.lr
+        self.weight_decay = oc.weight_decay
+        self.betas = oc.betas
+        self.eps = oc.eps
+        self.grad_clip = oc.grad_clip
+        self.micro_batch_size = ec.micro_batch_size
 
         if data_parallel not in (None, True, False):
             raise HorizonError(f"data_parallel must be None (auto), True or False, got {data_parallel!r}")
@@ -106,8 +84,8 @@ class Trainer:
 
         self.spec = spec
         with_grad, pin = self.grad_clip is not None, self.device.type == "cuda"
-        engine_kwargs = dict(grad_clip=self.grad_clip, track_grad_norm=bool(track_grad_norm), n_slots=n_slots,
-                             offload_checkpoints=offload_checkpoints)
+        engine_kwargs = dict(grad_clip=self.grad_clip, track_grad_norm=ec.track_grad_norm, n_slots=ec.n_slots,
+                             offload_checkpoints=ec.offload_checkpoints)
         if self.data_parallel:
             # docs/distributed.md: each rank holds its shard of the optimizer state.
             from .engine.distributed import DataParallelEngine, ShardedHostModel
@@ -131,9 +109,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, model_dir, *, device="auto", compute_dtype=None, lr=1e-4, weight_decay=0.0,
-                        betas=(0.9, 0.999), eps=1e-8, grad_clip=None, micro_batch_size=None, **engine_kwargs):
-        """Loads a local HF model directory (config.json + *.safetensors); never the network."""
+    def from_pretrained(cls, model_dir, **kwargs):
+        """Loads a local HF model directory (config.json + *.safetensors); never the network.
+        Keyword arguments: those of the constructor."""
         from .io import hf
         from .models import ModelSpec
 
@@ -148,22 +126,18 @@ class Trainer:
                 dests["lm_head.weight"] = torch.empty(spec.vocab_size, spec.hidden_size)
             hf.load_tensors(model_dir, dests, optional=optional)
 
-        return cls(spec, device=device, compute_dtype=compute_dtype, lr=lr, weight_decay=weight_decay, betas=betas,
-                   eps=eps, grad_clip=grad_clip, micro_batch_size=micro_batch_size, _init=load, **engine_kwargs)
+        return cls(spec, _init=load, **kwargs)
 
     @classmethod
-    def from_config(cls, config: dict, *, seed: int = 0, device="auto", compute_dtype=None, lr=1e-4,
-                    weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, grad_clip=None, micro_batch_size=None,
-                    **engine_kwargs):
-        """A randomly initialised model (HF's scheme: N(0, initializer_range), norms 1, biases 0)."""
+    def from_config(cls, config: dict, *, seed: int = 0, **kwargs):
+        """A randomly initialised model (HF's scheme: N(0, initializer_range), norms 1, biases 0).
+        Keyword arguments: those of the constructor."""
         from .models import ModelSpec
+        from .options import check_value
 
         spec = ModelSpec.from_hf_config(config)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise HorizonError(f"seed must be an int, got {seed!r}")
-        return cls(spec, device=device, compute_dtype=compute_dtype, lr=lr, weight_decay=weight_decay, betas=betas,
-                   eps=eps, grad_clip=grad_clip, micro_batch_size=micro_batch_size,
-                   _init=lambda model: model.init_random_(seed), **engine_kwargs)
+        seed = check_value("seed", seed, "int", False, {"ge": 0, "le": 2**63 - 1})
+        return cls(spec, _init=lambda model: model.init_random_(seed), **kwargs)
 
     # ------------------------------------------------------------------ training
     def _check_batch(self, input_ids, labels):
@@ -221,7 +195,10 @@ class Trainer:
         return result.loss
 
     def set_lr(self, lr) -> None:
-        self.lr = _check_number("lr", lr, low=0.0)
+        """The learning rate of the next steps (a schedule may reach 0)."""
+        from .options import check_value
+
+        self.lr = check_value("lr", lr, "float", False, {"ge": 0.0})
 
     def _landed_skips(self) -> int:
         self.engine.wait_all()
@@ -290,7 +267,9 @@ class Trainer:
         from .io import hf
 
         if isinstance(dtype, str):
-            dtype = _DTYPES.get(dtype.lower(), dtype)
+            from .engine.config import DTYPES, dtype_name
+
+            dtype = DTYPES.get(dtype_name(dtype), dtype)
         self.synchronize()
         if not self.data_parallel:
             hf.save(model_dir, self.config, self.model.hf_views(), dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -1,4 +1,4 @@
-"""Data parallelism over torch.distributed (DESIGN.md, "Scale-out"; docs/distributed.md):
+"""Data parallelism over torch.distributed (docs/distributed.md):
 the host model sharded across the ranks (`ShardedHostModel`) and the layer-major engine that
 reduces each layer's gradient across the ranks as it lands (`DataParallelEngine`).
 

@@ -1,4 +1,4 @@
-"""The layer-major training step (DESIGN.md, "The execution engine").
+"""The layer-major training step (docs/engine.md).
 
 Per step: a forward over every micro-batch one layer at a time with autograd off, keeping
 each block's input as its checkpoint; the final norm + LM head + cross-entropy fused and
@@ -26,7 +26,7 @@ import torch
 from .. import _native, kernels
 from ..errors import HorizonError
 from ..models import shift_labels
-from .checkpoints import CheckpointStore
+from .activations import ActivationStore
 from .ledger import MemoryLedger, SavedActivations, tensor_bytes
 from .pipeline import GradientLanding, WeightStream
 from .state import HostLayer, HostModel
@@ -177,7 +177,7 @@ class LayerMajorEngine:
         lab_mb = [t.to(dev, non_blocking=True) for t in lab_all[mb_lo:mb_hi]]
         inv_tokens = 1.0 / n_label_tokens
         cos, sin = kernels.rope_cos_sin(torch.arange(seq), spec.head_dim, spec.rope_theta, dtype=self.dtype, device=dev)
-        ckpts = CheckpointStore(dev, self._offload(n_rows * seq), self.device_ledger, self.host_ledger)
+        ckpts = ActivationStore(dev, self._offload(n_rows * seq), self.device_ledger, self.host_ledger)
         # HF's load-balancing loss couples the MoE layers: E * sum_e f_e * P_e with f and P
         # averaged over all MoE layers and all tokens of the step. The forward gathers the
         # per-expert counts (constants) and probability sums; in the backward each layer's

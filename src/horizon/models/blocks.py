@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels.moe import flash_moe
 from .spec import ModelSpec
 
 
@@ -154,20 +155,18 @@ class MoEBlockTemplate:
                 router_stats=None) -> torch.Tensor:
         """With `router_stats` (a list), appends (sum over tokens of the router probabilities
         [E] fp32, differentiable; tokens routed to each expert [E]) for the load-balancing loss."""
-        from ..moe import flash_moe
-
         s = self.spec
         x = _attention_residual(s, params, x, cos, sin)
         h = kernels.rms_norm(x, params["post_attention_layernorm.weight"], s.rms_norm_eps)
         flat = h.reshape(-1, h.shape[-1])
-        y, _ = flash_moe(flat, params["router"], params["w1"], params["w3"], params["w2"],
-                         top_k=s.num_experts_per_tok, renormalize=s.renormalize_topk)
+        # The statistics come from flash_moe's own routing: a second top-k here could break
+        # ties differently from the one that dispatched the tokens.
+        out = flash_moe(flat, params["router"], params["w1"], params["w3"], params["w2"],
+                        top_k=s.num_experts_per_tok, renormalize=s.renormalize_topk,
+                        router_stats=router_stats is not None)
         if router_stats is not None:
-            probs = torch.softmax(F.linear(flat, params["router"]).float(), dim=-1)
-            chosen = torch.topk(probs.detach(), s.num_experts_per_tok, dim=-1).indices
-            counts = torch.bincount(chosen.reshape(-1), minlength=s.num_experts).float()
-            router_stats.append((probs.sum(0), counts))
-        return x + y.view_as(x)
+            router_stats.append(out[2])
+        return x + out[0].view_as(x)
 
 
 class HeadTemplate:

@@ -22,7 +22,7 @@ _BY_MODEL_TYPE = {v: k for k, v in ARCHITECTURES.items()}
 def _positive_int(cfg: dict, key: str, default=None) -> int:
     value = cfg.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise HorizonError(f"config.json: {key} must be a positive integer, got {value!r}")
+        raise HorizonError(f"config.json: {key!r} must be an integer >= 1, got {value!r}")
     return value
 
 
@@ -97,7 +97,8 @@ class ModelSpec:
         if archs:
             if len(archs) != 1 or archs[0] not in ARCHITECTURES:
                 raise HorizonError(
-                    f"config.json: architectures {archs!r} not supported; supported: {sorted(ARCHITECTURES)}"
+                    f"config.json: unsupported architecture {archs[0] if len(archs) == 1 else archs!r} "
+                    f"(architectures supported: {', '.join(sorted(ARCHITECTURES))})"
                 )
             arch = archs[0]
         else:
@@ -114,7 +115,7 @@ class ModelSpec:
         kv_heads = _positive_int(cfg, "num_key_value_heads", heads) if cfg.get("num_key_value_heads") is not None else heads
         if heads % kv_heads:
             raise HorizonError(
-                f"config.json: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+                f"config.json: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
             )
         head_dim = cfg.get("head_dim")
         if head_dim is None:
@@ -182,6 +183,11 @@ class ModelSpec:
             config=dict(cfg),
             **moe,
         )
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model is configured for (max_position_embeddings)."""
+        return _positive_int(self.config, "max_position_embeddings", 2048)
 
     @property
     def is_moe(self) -> bool:

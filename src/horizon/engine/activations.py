@@ -1,4 +1,5 @@
-"""Block-input checkpoints of the layer-major forward: kept on the device, or offloaded to
+"""Activation checkpoints (block inputs) of the layer-major forward (not to be confused with
+training checkpoints, io/checkpoint.py): kept on the device, or offloaded to
 host memory (pinned, copied on a side stream ordered by events on CUDA) and brought back one
 layer ahead of the backward that needs them.
 
@@ -12,7 +13,7 @@ import torch
 from .ledger import MemoryLedger, tensor_bytes
 
 
-class CheckpointStore:
+class ActivationStore:
     def __init__(self, device: torch.device, offload: bool, device_ledger: MemoryLedger, host_ledger: MemoryLedger):
         self.device = device
         self.offload = offload

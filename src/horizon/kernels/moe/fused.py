@@ -12,7 +12,7 @@ intermediate outputs, and lets the explicit backwards be tested without a GPU.
 list in the same order, the same index arithmetic on flat buffers and the same bf16 rounding
 points, in fp32 — it proves the kernel's decomposition on the CPU.
 
-Semantics are horizon.moe's, except that router logits are computed in fp32 from the
+Semantics are the reference's (reference.py), except that router logits are computed in fp32 from the
 bf16 operands (the reference rounds them to the input dtype first), so top-k ties go by the
 fp32 logits.
 """
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import native
-from .. import moe as _moe
-from ..errors import HorizonError
-from ._common import device_sms, out_empty
+from ... import native
+from ...errors import HorizonError
+from .._common import device_sms, out_empty
+from . import reference as _moe
 
 KERNEL = "horizon_flash_moe_fwd"
 BWD_KERNEL = "horizon_flash_moe_bwd"
@@ -518,8 +518,9 @@ class FlashMoEFunction(torch.autograd.Function):
 
 
 def flash_moe_fused(x, router_weight, w1, w3, w2, *, top_k, renormalize=True, capacity_factor=None,
-                    activation="swiglu", aux_loss_coef=0.0, z_loss_coef=0.0, use_kernel=None, backward=None):
-    """flash_moe through the fused path (inputs already validated by horizon.moe.flash_moe).
+                    activation="swiglu", aux_loss_coef=0.0, z_loss_coef=0.0, use_kernel=None, backward=None,
+                    router_stats=False):
+    """flash_moe through the fused path (inputs already validated by `flash_moe`).
     use_kernel=None picks the CUDA kernel when `can_run`, else the torch version of it.
     backward: "kernel" (the backward kernel after a kernel forward; otherwise the torch
     backward), "torch" (the grouped-GEMM backward), "emulate" (backward_emulate); None reads
@@ -534,9 +535,13 @@ def flash_moe_fused(x, router_weight, w1, w3, w2, *, top_k, renormalize=True, ca
     if T == 0:
         return _moe.flash_moe_reference(x, router_weight, w1, w3, w2, top_k=top_k, renormalize=renormalize,
                                         capacity_factor=capacity_factor, activation=activation,
-                                        aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef)
+                                        aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
+                                        router_stats=router_stats)
     cap = _moe.capacity_of(capacity_factor, T, top_k, E)
     y, logits, tope = FlashMoEFunction.apply(x, router_weight, w1, w3, w2, top_k, bool(renormalize), cap,
                                              bool(use_kernel), backward)
-    aux = _moe.aux_losses(logits, torch.softmax(logits, -1), tope, E, aux_loss_coef, z_loss_coef)
+    probs = torch.softmax(logits, -1)
+    aux = _moe.aux_losses(logits, probs, tope, E, aux_loss_coef, z_loss_coef)
+    if router_stats:
+        return y, aux, _moe.router_statistics(probs, tope, E)
     return y, aux

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 
-from .errors import HorizonError
+from ..errors import HorizonError
 
 # The shipped tokenizer (assets/tokenizer.json) has exactly this many entries.
 SHIPPED_VOCAB = 512
