@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from . import _native
 from .errors import HorizonError
 
 _DTYPES = {
@@ -56,6 +57,15 @@ def _check_number(name, value, *, low=None, low_open=False, high=None, high_open
     return float(value)
 
 
+def _hyper(make, *args):
+    """AdamW hyper-parameters from `make` (`_native.AdamW` or `with_lr`, the one rule); a bad
+    value is reported as the Trainer reports bad arguments: a HorizonError, AdamW's one line."""
+    try:
+        return make(*args)
+    except ValueError as e:
+        raise HorizonError(str(e)) from None
+
+
 class Trainer:
     """Trains a Llama-family model whose home is host RAM (fp32 master + AdamW state in
     Rust-owned slabs); the device streams layers in and gradients out, one layer at a time.
@@ -73,15 +83,9 @@ class Trainer:
 
         self.device = _resolve_device(device)
         self.compute_dtype = _resolve_dtype(compute_dtype, self.device)
-        self.lr = _check_number("lr", lr, low=0.0)
-        self.weight_decay = _check_number("weight_decay", weight_decay, low=0.0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise HorizonError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = (
-            _check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True),
-            _check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True),
-        )
-        self.eps = _check_number("eps", eps, low=0.0, low_open=True)
+        self.adamw = _hyper(_native.AdamW, lr, betas[0], betas[1], eps, weight_decay)
         self.grad_clip = None if grad_clip is None else _check_number("grad_clip", grad_clip, low=0.0, low_open=True)
         if micro_batch_size is not None and (
             isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size <= 0
@@ -207,8 +211,7 @@ class Trainer:
         `last_step_skipped`."""
         ids, lab = self._check_batch(input_ids, labels)
         mbs = self.micro_batch_size or ids.shape[0]
-        result = self.engine.step(ids, lab, mbs, step=self.step + 1, lr=self.lr, betas=self.betas, eps=self.eps,
-                                  weight_decay=self.weight_decay)
+        result = self.engine.step(ids, lab, mbs, step=self.step + 1, hyper=self.adamw)
         self.last_loss = result.loss
         self.last_grad_norm = result.grad_norm
         self.last_step_skipped = result.skipped
@@ -221,7 +224,7 @@ class Trainer:
         return result.loss
 
     def set_lr(self, lr) -> None:
-        self.lr = _check_number("lr", lr, low=0.0)
+        self.adamw = _hyper(self.adamw.with_lr, lr)
 
     def _landed_skips(self) -> int:
         self.engine.wait_all()
