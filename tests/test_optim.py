@@ -294,6 +294,11 @@ def test_adamw_hyper_parameters_are_one_validated_value():
     # ints and other real numbers (numpy scalars, one-element tensors) are numbers
     assert AdamW(1, 0, 0, 1, 0).lr == 1.0
     assert AdamW(torch.tensor(0.5), 0.9, 0.99, 1e-8, 0).lr == 0.5
+    import numpy as np
+
+    assert AdamW(np.float32(0.5), 0.9, 0.99, 1e-8, 0).lr == 0.5
+    with pytest.raises(ValueError, match="^lr must be a finite number >= 0, got "):
+        AdamW(np.True_, 0.9, 0.99, 1e-8, 0)
 
 
 @pytest.mark.parametrize(

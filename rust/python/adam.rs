@@ -9,7 +9,7 @@ use crate::adam::{self, AdamW, Field};
 use crate::cpu::{pool, simd};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyFloat;
+use pyo3::types::{PyBool, PyFloat};
 
 /// `repr(x)` on one line, cut to a readable length (the value an error names).
 fn shown(x: &Bound<'_, PyAny>) -> String {
@@ -23,11 +23,14 @@ fn shown(x: &Bound<'_, PyAny>) -> String {
 
 /// One hyper-parameter from Python: a real number (int, float, or anything with `__float__`
 /// such as a numpy scalar or a one-element tensor; never a bool or a string) that meets its
-/// field's rule. The error is a one-line ValueError naming the field and the value.
+/// field's rule (`Field::accepts`, in the core). The error is a one-line ValueError naming the
+/// field and the value as Python shows it.
 fn number(field: Field, x: &Bound<'_, PyAny>) -> PyResult<f64> {
     let refuse = || PyValueError::new_err(format!("{} must be {}, got {}", field.name(), field.rule(), shown(x)));
-    let type_name = x.get_type().name().map(|n| n.to_string()).unwrap_or_default();
-    if type_name == "bool" || type_name == "bool_" || type_name == "str" || type_name == "bytes" {
+    // A bool converts to 1.0 / 0.0 (Python's and numpy's, `numpy.bool` / `numpy.bool_`,
+    // alike): refused, as a slip.
+    let numpy_bool = x.get_type().name().is_ok_and(|n| matches!(n.to_string().as_str(), "bool" | "bool_"));
+    if x.is_instance_of::<PyBool>() || numpy_bool {
         return Err(refuse());
     }
     let v: f64 = x.extract().map_err(|_| refuse())?;
@@ -41,8 +44,8 @@ fn float_repr(py: Python<'_>, x: f64) -> String {
     PyFloat::new(py, x).repr().map(|r| r.to_string()).unwrap_or_else(|_| format!("{x:?}"))
 }
 
-/// AdamW's hyper-parameters, checked once here (the only place the rule lives) and carried
-/// whole from Python to the Rust step: `AdamW(lr, beta1, beta2, eps, weight_decay)`. lr is the
+/// AdamW's hyper-parameters, checked once when made (by the core's rule: `crate::adam::Field`)
+/// and carried whole from Python to the Rust step: `AdamW(lr, beta1, beta2, eps, weight_decay)`. lr is the
 /// instantaneous rate (finite, >= 0: a schedule may reach 0); beta1 and beta2 finite in
 /// [0, 1); eps finite > 0; weight_decay finite >= 0. Immutable: `with_lr` makes a new one.
 #[pyclass(name = "AdamW", module = "horizon._native", frozen)]

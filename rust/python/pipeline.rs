@@ -117,6 +117,7 @@ impl PyPipeline {
 
     /// Queues a host memcpy on `lane`. The caller keeps both buffers alive until the ticket is done.
     #[pyo3(signature = (lane, dst, src, nbytes, *, after=None, cuda_event=None, release=None))]
+    #[allow(clippy::too_many_arguments)]
     fn copy(
         &self,
         lane: &str,
