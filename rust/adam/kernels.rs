@@ -11,6 +11,8 @@
 //!   p' = fma(-step_size, m' / d, p * decay)
 //!   w  = bf16_rne(p')
 
+use crate::cpu::bf16::bf16_rne;
+
 /// The loop constants, computed in f64 once per call and rounded to f32.
 #[derive(Clone, Copy, Debug)]
 pub struct Consts {
@@ -45,8 +47,6 @@ impl Consts {
         }
     }
 }
-
-use crate::cpu::bf16::bf16_rne;
 
 /// One element. Shared by the scalar path and the tails of the AVX2 path; inlined into a
 /// `target_feature(fma)` caller `mul_add` is one vfmadd, elsewhere it is libm's exact fmaf.

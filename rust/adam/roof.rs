@@ -3,8 +3,9 @@
 //! arithmetic to speak of, sharded on the same pool the step uses. It scribbles over p, m and
 //! v (each is XORed with g, so a second pass restores them exactly).
 //!
-//! `cargo bench` (the bench requires the feature: `cargo bench --features roof`), and for the
-//! Python comparison `maturin develop --release --features python,pyo3/extension-module,roof`.
+//! Benchmarks: `cargo bench --features roof` (the bench requires the feature); for the Python
+//! comparison (benches/adam_vs_peers.py), build the module with
+//! `maturin develop --release --features python,pyo3/extension-module,roof`.
 
 use super::kernels::{peel, Bufs};
 use super::{bufs, check_lengths, sharded, CHUNK};
