@@ -26,12 +26,13 @@ build: setup
 
 cargo-test: setup
 	cargo test --release
+	cargo test --release --features roof
 
 pytest: build
 	HORIZON_REQUIRE_KERNELS=1 $(PY) -m pytest -q
 
 bench: build
-	cargo bench
+	cargo bench --features roof
 	$(PY) benches/adam_vs_peers.py
 
 wheel: setup

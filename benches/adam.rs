@@ -2,10 +2,12 @@
 //! and without the bf16 copy, against the bandwidth roof (the same loads and stores with no
 //! arithmetic) measured in the same run. Throughput is reported in parameters per second.
 //!
-//! `cargo bench --bench adam` (HORIZON_ADAM_THREADS sets the pool size).
+//! `cargo bench --features roof --bench adam` (HORIZON_ADAM_THREADS sets the pool size). The
+//! roof is benchmark-only code behind the `roof` feature, which this bench requires.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use horizon_native::adam::{self, pool, supported_levels, AdamParams};
+use horizon_native::adam::{self, roof, AdamW};
+use horizon_native::cpu::{pool, simd::supported_levels};
 use std::time::Duration;
 
 struct Buffers {
@@ -38,15 +40,16 @@ fn bench_step(c: &mut Criterion) {
         group.warm_up_time(Duration::from_millis(500));
         let mut b = buffers(n);
         let mut step = 0u64;
+        let hyper = AdamW::default();
         for level in supported_levels() {
             for bf16 in [false, true] {
                 let id = BenchmarkId::new(format!("{}{}", level.name(), if bf16 { "+bf16" } else { "" }), pool.threads());
                 group.bench_function(id, |bench| {
                     bench.iter(|| {
                         step += 1;
-                        let hp = AdamParams { step: step % 1000 + 1, ..Default::default() };
                         let w = bf16.then_some(b.w.as_mut_slice());
-                        adam::adamw_step_with(level, Some(pool), &mut b.p, &b.g, &mut b.m, &mut b.v, w, &hp);
+                        let t = step % 1000 + 1;
+                        adam::adamw_step_with(level, Some(pool), &mut b.p, &b.g, &mut b.m, &mut b.v, w, &hyper, t, 1.0);
                     })
                 });
             }
@@ -57,7 +60,7 @@ fn bench_step(c: &mut Criterion) {
             group.bench_function(id, |bench| {
                 bench.iter(|| {
                     let w = bf16.then_some(r.w.as_mut_slice());
-                    adam::memory_roof_pass(Some(pool), &mut r.p, &r.g, &mut r.m, &mut r.v, w);
+                    roof::memory_roof_pass(Some(pool), &mut r.p, &r.g, &mut r.m, &mut r.v, w);
                 })
             });
         }

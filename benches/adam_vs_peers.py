@@ -7,7 +7,12 @@ round, so machine noise hits all of them alike), at 10M and 100M parameters:
 - DeepSpeedCPUAdam when deepspeed is installed (its CPU Adam JIT-builds on first use), alone
   and followed by the bf16 copy a trainer needs (`w.copy_(p)`, torch's RNE conversion);
 - the memory-bandwidth roof: a Rust pass with Adam's exact loads and stores and no arithmetic,
-  on torch-allocated buffers and on the slab.
+  on torch-allocated buffers and on the slab. It is benchmark-only code behind the cargo
+  feature `roof`, not in the shipped module; build the module with it for these rows:
+
+      maturin develop --release --features python,pyo3/extension-module,roof
+
+  Without it the roof rows are skipped, with a line saying so.
 
 Every optimizer keeps its own state, as each is used for real (about 5 GB at 100M).
 Prints the median and the best time per step, parameters/s and effective GB/s of the median
@@ -30,6 +35,11 @@ from horizon.optim import CPUAdamW, adam_config, fused_adamw_
 from horizon.store import LayerSlab
 
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 1e-2
+HYPER = _native.AdamW(LR, *BETAS, EPS, WD)
+# The roof kernel exists only in a module built with the cargo feature `roof`.
+HAS_ROOF = hasattr(_native, "adam_memory_roof_raw")
+ROOF_SKIPPED = ("roof rows skipped: this horizon._native was built without the cargo feature `roof`; rebuild "
+                "with `maturin develop --release --features python,pyo3/extension-module,roof` to measure them")
 BYTES = 28  # read p, g, m, v (16) + write p, m, v (12)
 BYTES_BF16 = 30  # + the bf16 copy (2)
 
@@ -64,8 +74,8 @@ def build_methods(n: int, ds_cls):
 
     def slab_step():
         counter["step"] += 1
-        fused_adamw_(slab.master, grad, slab.exp_avg, slab.exp_avg_sq, step=counter["step"], lr=LR, betas=BETAS,
-                     eps=EPS, weight_decay=WD, bf16_out=slab.weights_bf16)
+        fused_adamw_(slab.master, grad, slab.exp_avg, slab.exp_avg_sq, hyper=HYPER, step=counter["step"],
+                     bf16_out=slab.weights_bf16)
 
     methods["horizon fused step + bf16 (slab)"] = (slab_step, BYTES_BF16)
 
@@ -100,6 +110,8 @@ def build_methods(n: int, ds_cls):
 
         return run
 
+    if not HAS_ROOF:
+        return methods
     # The roof XORs p, m, v with g; a second (untimed) pass restores them exactly.
     if torch_state is not None:
         r = roof(p, torch_state["exp_avg"], torch_state["exp_avg_sq"], None)
@@ -137,6 +149,8 @@ def main():
     print(f"horizon: simd={cfg['simd']} threads={cfg['threads']}; torch {torch.__version__} threads={torch.get_num_threads()}")
     ds_cls, ds_why = try_deepspeed()
     print("DeepSpeedCPUAdam: " + ("available" if ds_cls else f"not available ({ds_why}); its rows are skipped"))
+    if not HAS_ROOF:
+        print(ROOF_SKIPPED)
 
     for n in sizes:
         rounds = max(args.rounds, min(60, int(args.rounds * 1e8 / max(n, 1))))

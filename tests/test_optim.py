@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from horizon import HorizonError
+from horizon._native import AdamW
 from horizon.optim import CPUAdamW, all_finite, fused_adamw_, grad_sq_norm
 
 # Sizes around the vector widths (8, 16) and the shard alignment, plus empty and scalar-like.
@@ -74,8 +75,8 @@ def test_fused_step_with_bf16_copy_and_grad_scale_matches_torch():
     topt = torch.optim.AdamW([ref], lr=2e-3, betas=(0.85, 0.99), eps=1e-7, weight_decay=0.05, foreach=False)
     for step in range(1, 6):
         grad = torch.randn(n, generator=g)
-        fused_adamw_(p, grad, m, v, step=step, lr=2e-3, betas=(0.85, 0.99), eps=1e-7, weight_decay=0.05,
-                     grad_scale=0.25, bf16_out=w)
+        fused_adamw_(p, grad, m, v, hyper=AdamW(2e-3, 0.85, 0.99, 1e-7, 0.05), step=step, grad_scale=0.25,
+                     bf16_out=w)
         ref.grad = grad * 0.25
         topt.step()
     assert max_rel_err(p, ref.detach()) <= 1e-6
@@ -90,7 +91,8 @@ def test_bf16_copy_keeps_nan_and_rounds_like_torch_on_odd_values():
     p = vals.clone()
     w = torch.empty(n, dtype=torch.bfloat16)
     # lr 0, no decay, zero gradient: p is unchanged and the copy is its rounding
-    fused_adamw_(p, torch.zeros(n), torch.zeros(n), torch.zeros(n), step=1, lr=0.0, bf16_out=w)
+    fused_adamw_(p, torch.zeros(n), torch.zeros(n), torch.zeros(n), hyper=AdamW(0.0, 0.9, 0.999, 1e-8, 0.0), step=1,
+                 bf16_out=w)
     assert torch.isnan(w[0])
     assert torch.equal(w[1:].view(torch.int16), vals[1:].to(torch.bfloat16).view(torch.int16))
 
@@ -176,6 +178,7 @@ def test_results_do_not_depend_on_simd_path_or_thread_count():
     script = textwrap.dedent(
         """
         import hashlib, torch
+        from horizon._native import AdamW
         from horizon.optim import fused_adamw_, grad_sq_norm, adam_config
         g = torch.Generator().manual_seed(0)
         n = 100_003
@@ -183,7 +186,8 @@ def test_results_do_not_depend_on_simd_path_or_thread_count():
         w = torch.empty(n, dtype=torch.bfloat16)
         for step in (1, 2, 3):
             grad = torch.randn(n, generator=g)
-            fused_adamw_(p, grad, m, v, step=step, lr=1e-2, weight_decay=0.1, grad_scale=0.7, bf16_out=w)
+            fused_adamw_(p, grad, m, v, hyper=AdamW(1e-2, 0.9, 0.999, 1e-8, 0.1), step=step, grad_scale=0.7,
+                         bf16_out=w)
         h = hashlib.sha256()
         for t in (p, m, v, w.view(torch.int16)):
             h.update(t.numpy().tobytes())
@@ -203,7 +207,7 @@ def test_results_do_not_depend_on_simd_path_or_thread_count():
 
 
 def test_bad_input_raises_clear_errors():
-    with pytest.raises(ValueError, match="learning rate"):
+    with pytest.raises(ValueError, match=r"^lr must be a finite number >= 0, got -0\.001$"):
         CPUAdamW([torch.nn.Parameter(torch.ones(2))], lr=-1e-3)
     with pytest.raises(ValueError, match="beta2"):
         CPUAdamW([torch.nn.Parameter(torch.ones(2))], betas=(0.9, 1.0))
@@ -221,22 +225,25 @@ def test_bad_input_raises_clear_errors():
         opt.step()
     opt.param_groups[0]["lr"] = -0.5  # e.g. a broken scheduler
     p.grad = torch.ones(4)
-    with pytest.raises(ValueError, match="lr=-0.5"):
+    with pytest.raises(ValueError, match=r"^lr must be a finite number >= 0, got -0\.5$"):
         opt.step()
 
     x, m, v = torch.ones(8), torch.zeros(8), torch.zeros(8)
+    hp = AdamW(1e-3, 0.9, 0.999, 1e-8, 0.0)
     with pytest.raises(HorizonError, match="elements"):
-        fused_adamw_(x, torch.ones(7), m, v, step=1, lr=1e-3)
+        fused_adamw_(x, torch.ones(7), m, v, hyper=hp, step=1)
     with pytest.raises(HorizonError, match="overlap"):
-        fused_adamw_(x, torch.ones(8), m, m, step=1, lr=1e-3)
+        fused_adamw_(x, torch.ones(8), m, m, hyper=hp, step=1)
     with pytest.raises(HorizonError, match="contiguous"):
-        fused_adamw_(torch.ones(4, 4).t(), torch.ones(16), torch.zeros(16), torch.zeros(16), step=1, lr=1e-3)
+        fused_adamw_(torch.ones(4, 4).t(), torch.ones(16), torch.zeros(16), torch.zeros(16), hyper=hp, step=1)
     with pytest.raises(HorizonError, match="bfloat16"):
-        fused_adamw_(x, torch.ones(8), m, v, step=1, lr=1e-3, bf16_out=torch.empty(8))
+        fused_adamw_(x, torch.ones(8), m, v, hyper=hp, step=1, bf16_out=torch.empty(8))
     with pytest.raises(ValueError, match="step"):
-        fused_adamw_(x, torch.ones(8), m, v, step=0, lr=1e-3)
+        fused_adamw_(x, torch.ones(8), m, v, hyper=hp, step=0)
     with pytest.raises(ValueError, match="grad_scale"):
-        fused_adamw_(x, torch.ones(8), m, v, step=1, lr=1e-3, grad_scale=float("inf"))
+        fused_adamw_(x, torch.ones(8), m, v, hyper=hp, step=1, grad_scale=float("inf"))
+    with pytest.raises(HorizonError, match="hyper must be a horizon._native.AdamW"):
+        fused_adamw_(x, torch.ones(8), m, v, hyper=dict(lr=1e-3), step=1)
     with pytest.raises(HorizonError, match="float32"):
         grad_sq_norm(torch.ones(3, dtype=torch.float16))
     with pytest.raises(HorizonError, match="meta"):
@@ -266,3 +273,75 @@ def test_large_state_lives_in_the_arena_and_survives_save_and_load(tmp_path):
         opt2.step()
         topt.step()
     assert max_rel_err(b.detach(), ref.detach()) <= 1e-6
+
+
+def test_adamw_hyper_parameters_are_one_validated_value():
+    h = AdamW(1e-3, 0.9, 0.999, 1e-8, 0.01)
+    assert (h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.betas) == (1e-3, 0.9, 0.999, 1e-8, 0.01, (0.9, 0.999))
+    assert repr(h) == "AdamW(lr=0.001, beta1=0.9, beta2=0.999, eps=1e-08, weight_decay=0.01)"
+    assert AdamW(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01) == h
+    assert hash(AdamW(1e-3, 0.9, 0.999, 1e-8, 0.01)) == hash(h) and h != AdamW(1e-3, 0.9, 0.999, 1e-8, 0.0)
+    assert h != (1e-3, 0.9, 0.999, 1e-8, 0.01)
+    # immutable: a new learning rate is a new (checked) object; 0 is a valid rate (end of a schedule)
+    z = h.with_lr(0)
+    assert z == AdamW(0.0, 0.9, 0.999, 1e-8, 0.01) and h.lr == 1e-3
+    with pytest.raises(AttributeError):
+        h.lr = 1.0
+    assert copy.deepcopy(h) == h
+    import pickle
+
+    assert pickle.loads(pickle.dumps(h)) == h
+    # ints and other real numbers (numpy scalars, one-element tensors) are numbers
+    assert AdamW(1, 0, 0, 1, 0).lr == 1.0
+    assert AdamW(torch.tensor(0.5), 0.9, 0.99, 1e-8, 0).lr == 0.5
+    import numpy as np
+
+    assert AdamW(np.float32(0.5), 0.9, 0.99, 1e-8, 0).lr == 0.5
+    with pytest.raises(ValueError, match="^lr must be a finite number >= 0, got "):
+        AdamW(np.True_, 0.9, 0.99, 1e-8, 0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("1e-3", 0.9, 0.999, 1e-8, 0.0), "lr must be a finite number >= 0, got '1e-3'"),
+        ((True, 0.9, 0.999, 1e-8, 0.0), "lr must be a finite number >= 0, got True"),
+        ((-1e-3, 0.9, 0.999, 1e-8, 0.0), "lr must be a finite number >= 0, got -0.001"),
+        ((float("nan"), 0.9, 0.999, 1e-8, 0.0), "lr must be a finite number >= 0, got nan"),
+        ((float("inf"), 0.9, 0.999, 1e-8, 0.0), "lr must be a finite number >= 0, got inf"),
+        ((None, 0.9, 0.999, 1e-8, 0.0), "lr must be a finite number >= 0, got None"),
+        ((1e-3, 1.0, 0.999, 1e-8, 0.0), "beta1 (betas[0]) must be a finite number in [0, 1), got 1.0"),
+        ((1e-3, -0.1, 0.999, 1e-8, 0.0), "beta1 (betas[0]) must be a finite number in [0, 1), got -0.1"),
+        ((1e-3, 0.9, 1, 1e-8, 0.0), "beta2 (betas[1]) must be a finite number in [0, 1), got 1"),
+        ((1e-3, 0.9, False, 1e-8, 0.0), "beta2 (betas[1]) must be a finite number in [0, 1), got False"),
+        ((1e-3, 0.9, 0.999, 0.0, 0.0), "eps must be a finite number > 0, got 0.0"),
+        ((1e-3, 0.9, 0.999, "1e-8", 0.0), "eps must be a finite number > 0, got '1e-8'"),
+        ((1e-3, 0.9, 0.999, 1e-8, -0.1), "weight_decay must be a finite number >= 0, got -0.1"),
+        ((1e-3, 0.9, 0.999, 1e-8, [0.1]), "weight_decay must be a finite number >= 0, got [0.1]"),
+    ],
+)
+def test_adamw_refuses_each_bad_value_in_one_line(args, message):
+    with pytest.raises(ValueError) as e:
+        AdamW(*args)
+    assert str(e.value) == message
+    if args[0] == -1e-3:
+        with pytest.raises(ValueError, match="^lr must be a finite number >= 0, got -0.001$"):
+            AdamW(1e-3, 0.9, 0.999, 1e-8, 0.0).with_lr(-1e-3)
+
+
+def test_cpu_adamw_validates_through_the_one_rule():
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError) as e:
+        CPUAdamW([p], lr="1e-3")
+    assert str(e.value) == "lr must be a finite number >= 0, got '1e-3'"
+    with pytest.raises(ValueError, match=r"^eps must be a finite number > 0, got 0$"):
+        CPUAdamW([p], eps=0)
+    with pytest.raises(ValueError, match="betas must be a pair"):
+        CPUAdamW([p], betas=0.9)
+    with pytest.raises(ValueError, match=r"^weight_decay must be a finite number >= 0, got True$"):
+        CPUAdamW([{"params": [p], "weight_decay": True}])
+    # lr 0 (a schedule's end) is a valid step that leaves p unchanged without decay
+    opt = CPUAdamW([p], lr=0.0, weight_decay=0.0)
+    p.grad = torch.ones(2)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(2))

@@ -66,6 +66,11 @@ class _Slab:
         self.weights_bf16 = torch.zeros(p.numel(), dtype=torch.bfloat16)
 
 
+def _hyper(hp):
+    """The engine's AdamW object from torch-style keyword arguments."""
+    return _native.AdamW(hp["lr"], *hp["betas"], hp["eps"], hp["weight_decay"])
+
+
 def _torch_adamw(p0, grads, lr, betas, eps, wd, scales=None):
     p = torch.nn.Parameter(p0.clone())
     opt = torch.optim.AdamW([p], lr=lr, betas=betas, eps=eps, weight_decay=wd)
@@ -84,7 +89,7 @@ def test_landing_runs_adamw_straight_from_the_slot(n):
     land = GradientLanding(2, 1000, "cpu")
     hp = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     for step, gr in enumerate(grads, start=1):
-        land.land_and_update("L", gr, slab, step=step, write_bf16=True, **hp)
+        land.land_and_update("L", gr, slab, hyper=_hyper(hp), step=step, write_bf16=True)
         land.wait("L")
     ref = _torch_adamw(p0, grads, hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"])
     torch.testing.assert_close(slab.master, ref, rtol=1e-6, atol=1e-7)
@@ -102,7 +107,7 @@ def test_landing_through_the_gradient_buffer_with_scaling():
     hp = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     for step, (gr, sc) in enumerate(zip(grads, scales), start=1):
         land.land_to_buffer("L", gr, slab)
-        land.update_from_buffer("L", slab, step=step, grad_scale=sc, write_bf16=False, **hp)
+        land.update_from_buffer("L", slab, hyper=_hyper(hp), step=step, grad_scale=sc, write_bf16=False)
         land.wait("L")
         assert torch.equal(slab.grad, gr)
     ref = _torch_adamw(p0, grads, hp["lr"], hp["betas"], hp["eps"], 0.0, scales)
@@ -113,8 +118,8 @@ def test_landing_rejects_mismatched_gradients():
     slab = _Slab(torch.zeros(10))
     land = GradientLanding(1, 10, "cpu")
     with pytest.raises(HorizonError, match="elements"):
-        land.land_and_update("L", torch.zeros(9), slab, step=1, lr=1e-3, betas=(0.9, 0.99), eps=1e-8,
-                             weight_decay=0.0, write_bf16=False)
+        land.land_and_update("L", torch.zeros(9), slab, hyper=_native.AdamW(1e-3, 0.9, 0.99, 1e-8, 0.0), step=1,
+                             write_bf16=False)
     with pytest.raises(HorizonError, match="float32"):
         land.land_to_buffer("L", torch.zeros(10, dtype=torch.float64), slab)
     with pytest.raises(HorizonError, match="no gradient buffer"):
@@ -131,15 +136,29 @@ def test_landing_skips_a_nonfinite_gradient_in_the_worker():
     land = GradientLanding(1, 50, "cpu", pipeline=pipe)
     bad = torch.randn(50, generator=g)
     bad[17] = float("nan")
-    land.land_and_update("L", bad, slab, step=1, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
-                         write_bf16=False, skip_nonfinite=True)
+    hyper = nat.AdamW(1e-2, 0.9, 0.99, 1e-8, 0.0)
+    land.land_and_update("L", bad, slab, hyper=hyper, step=1, write_bf16=False, skip_nonfinite=True)
     land.wait("L")
     assert torch.equal(slab.master, p0) and not slab.exp_avg.any()
     assert land.skipped_updates == 1
     good = torch.randn(50, generator=g)
-    land.land_and_update("L", good, slab, step=1, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
-                         write_bf16=False, skip_nonfinite=True)
+    land.land_and_update("L", good, slab, hyper=hyper, step=1, write_bf16=False, skip_nonfinite=True)
     land.wait("L")
     ref = _torch_adamw(p0, [good], 1e-2, (0.9, 0.99), 1e-8, 0.0)
     torch.testing.assert_close(slab.master, ref, rtol=1e-6, atol=1e-7)
     assert land.skipped_updates == 1
+
+
+def test_pipeline_adam_takes_the_hyper_parameters_whole():
+    pipe = _native.Pipeline()
+    p, g, m, v = torch.ones(8), torch.ones(8), torch.zeros(8), torch.zeros(8)
+    ptrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0, 8)
+    with pytest.raises(TypeError, match="hyper"):
+        pipe.adam(*ptrs, hyper=dict(lr=1e-3), step=1)
+    with pytest.raises(TypeError, match="lr"):
+        pipe.adam(*ptrs, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    with pytest.raises(HorizonError, match="step counts from 1"):
+        pipe.adam(*ptrs, hyper=_native.AdamW(1e-3, 0.9, 0.999, 1e-8, 0.0), step=0)
+    # lr 0 and no decay: a queued step leaves p as it was (and writes the moments)
+    pipe.adam(*ptrs, hyper=_native.AdamW(0.0, 0.9, 0.999, 1e-8, 0.0), step=1).wait()
+    assert torch.equal(p, torch.ones(8)) and torch.allclose(m, torch.full((8,), 0.1))

@@ -207,13 +207,14 @@ def test_the_fused_step_on_a_slab_matches_torch_adamw_and_refreshes_the_bf16_cop
     ref = torch.nn.Parameter(s.master.clone())
     hp = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     opt = torch.optim.AdamW([ref], **hp)
+    hyper = _native.AdamW(hp["lr"], *hp["betas"], hp["eps"], hp["weight_decay"])
     for step in range(1, 6):
         grad = torch.randn(n, generator=g)
         s.grad.copy_(grad * 2.0)
         ref.grad = grad
         opt.step()
         fused_adamw_(
-            s.master, s.grad, s.exp_avg, s.exp_avg_sq, step=step, grad_scale=0.5, bf16_out=s.weights_bf16, **hp
+            s.master, s.grad, s.exp_avg, s.exp_avg_sq, hyper=hyper, step=step, grad_scale=0.5, bf16_out=s.weights_bf16
         )
     rel = ((s.master - ref.detach()).abs() / ref.detach().abs()).max().item()
     assert rel <= 1e-6, rel

@@ -11,6 +11,8 @@
 //!   p' = fma(-step_size, m' / d, p * decay)
 //!   w  = bf16_rne(p')
 
+use crate::cpu::bf16::bf16_rne;
+
 /// The loop constants, computed in f64 once per call and rounded to f32.
 #[derive(Clone, Copy, Debug)]
 pub struct Consts {
@@ -26,34 +28,23 @@ pub struct Consts {
 }
 
 impl Consts {
-    pub fn new(hp: &super::AdamParams) -> Consts {
-        let (b1, b2) = (hp.beta1, hp.beta2);
-        let t = hp.step as f64;
+    pub fn new(hp: &super::AdamW, step: u64, grad_scale: f64) -> Consts {
+        let (b1, b2) = (hp.beta1(), hp.beta2());
+        let t = step as f64;
         let bc1 = 1.0 - b1.powf(t);
         let bc2 = 1.0 - b2.powf(t);
-        let lr = hp.lr;
+        let lr = hp.lr();
         Consts {
-            b1: hp.beta1 as f32,
+            b1: b1 as f32,
             omb1: (1.0 - b1) as f32,
-            b2: hp.beta2 as f32,
+            b2: b2 as f32,
             omb2: (1.0 - b2) as f32,
-            eps: hp.eps as f32,
+            eps: hp.eps() as f32,
             neg_step_size: (-(lr / bc1)) as f32,
             inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
-            decay: (1.0 - lr * hp.weight_decay) as f32,
-            grad_scale: hp.grad_scale as f32,
+            decay: (1.0 - lr * hp.weight_decay()) as f32,
+            grad_scale: grad_scale as f32,
         }
-    }
-}
-
-/// Round to nearest even; a NaN stays a (quiet) NaN with its sign.
-#[inline(always)]
-pub fn bf16_rne(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        ((b >> 16) | 0x40) as u16
-    } else {
-        (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
     }
 }
 
@@ -89,7 +80,7 @@ pub struct Bufs {
 /// Elements to handle one by one (or under a mask) before `w + i` is `align`-byte aligned
 /// (`w` comes from a `&mut [u16]`, so it is 2-byte aligned and this always gets there).
 #[inline(always)]
-fn peel(w: *mut u16, start: usize, end: usize, align: usize) -> usize {
+pub(crate) fn peel(w: *mut u16, start: usize, end: usize, align: usize) -> usize {
     let addr = w as usize + 2 * start;
     (((align - addr % align) % align) / 2).min(end - start)
 }
@@ -233,98 +224,6 @@ pub mod x86 {
         if stream {
             // Streaming stores are weakly ordered: make them visible before the shard reports.
             _mm_sfence();
-        }
-    }
-
-    /// A pass with AdamW's exact memory traffic (reads p, g, m, v; writes p, m, v and, when
-    /// asked, the bf16 copy) and no arithmetic to speak of: the bandwidth roof of the update.
-    ///
-    /// # Safety
-    /// AVX-512F is available; `[start, end)` is in bounds of every non-null buffer.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn roof_avx512(b: Bufs, start: usize, end: usize) {
-        let want_w = !b.w.is_null();
-        let stream = want_w && b.stream_w;
-        let mut i = start;
-        let mut next = if stream { start + peel(b.w, start, end, 32) } else { start };
-        if next == start {
-            next = (start + 16).min(end);
-        }
-        while i < end {
-            let k: __mmask16 = if next - i >= 16 { 0xFFFF } else { (1u16 << (next - i)) - 1 };
-            let g = _mm512_castps_si512(_mm512_maskz_loadu_ps(k, b.g.add(i)));
-            let p = _mm512_xor_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(k, b.p.add(i))), g);
-            let m = _mm512_xor_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(k, b.m.add(i))), g);
-            let v = _mm512_xor_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(k, b.v.add(i))), g);
-            _mm512_mask_storeu_ps(b.m.add(i), k, _mm512_castsi512_ps(m));
-            _mm512_mask_storeu_ps(b.v.add(i), k, _mm512_castsi512_ps(v));
-            _mm512_mask_storeu_ps(b.p.add(i), k, _mm512_castsi512_ps(p));
-            if want_w {
-                let r = _mm512_srli_epi32::<16>(p);
-                if stream && k == 0xFFFF {
-                    _mm256_stream_si256(b.w.add(i) as *mut __m256i, _mm512_cvtepi32_epi16(r));
-                } else {
-                    _mm512_mask_cvtepi32_storeu_epi16(b.w.add(i) as *mut i16, k, r);
-                }
-            }
-            i = next;
-            next = (i + 16).min(end);
-        }
-        if stream {
-            _mm_sfence();
-        }
-    }
-
-    /// The AVX2 twin of `roof_avx512`.
-    ///
-    /// # Safety
-    /// AVX2 is available; `[start, end)` is in bounds of every non-null buffer.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn roof_avx2(b: Bufs, start: usize, end: usize) {
-        let stream = !b.w.is_null() && b.stream_w;
-        let mut i = start;
-        if stream {
-            let head = start + peel(b.w, start, end, 16);
-            super::roof_scalar(b, i, head);
-            i = head;
-        }
-        while i + 8 <= end {
-            let g = _mm256_loadu_si256(b.g.add(i) as *const __m256i);
-            let p = _mm256_xor_si256(_mm256_loadu_si256(b.p.add(i) as *const __m256i), g);
-            let m = _mm256_xor_si256(_mm256_loadu_si256(b.m.add(i) as *const __m256i), g);
-            let v = _mm256_xor_si256(_mm256_loadu_si256(b.v.add(i) as *const __m256i), g);
-            _mm256_storeu_si256(b.m.add(i) as *mut __m256i, m);
-            _mm256_storeu_si256(b.v.add(i) as *mut __m256i, v);
-            _mm256_storeu_si256(b.p.add(i) as *mut __m256i, p);
-            if !b.w.is_null() {
-                let r = _mm256_srli_epi32::<16>(p);
-                let packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
-                if stream {
-                    _mm_stream_si128(b.w.add(i) as *mut __m128i, packed);
-                } else {
-                    _mm_storeu_si128(b.w.add(i) as *mut __m128i, packed);
-                }
-            }
-            i += 8;
-        }
-        super::roof_scalar(b, i, end);
-        if stream {
-            _mm_sfence();
-        }
-    }
-}
-
-/// # Safety
-/// `[start, end)` is in bounds of every non-null buffer.
-pub unsafe fn roof_scalar(b: Bufs, start: usize, end: usize) {
-    for i in start..end {
-        let g = (*b.g.add(i)).to_bits();
-        let p = (*b.p.add(i)).to_bits() ^ g;
-        *b.m.add(i) = f32::from_bits((*b.m.add(i)).to_bits() ^ g);
-        *b.v.add(i) = f32::from_bits((*b.v.add(i)).to_bits() ^ g);
-        *b.p.add(i) = f32::from_bits(p);
-        if !b.w.is_null() {
-            *b.w.add(i) = (p >> 16) as u16;
         }
     }
 }

@@ -1,52 +1,138 @@
-//! CPU AdamW over the host store, the SIMD level it dispatches on, its worker pool, and the
-//! gradient reductions used for clipping (global squared norm, finite check).
+//! CPU AdamW over the host store: its validated hyper-parameters (`AdamW`), the fused step
+//! dispatched on the CPU layer's SIMD level and worker pool, and the gradient reductions used
+//! for clipping (global squared norm, finite check). The bandwidth roof the benchmarks compare
+//! against lives in `roof`, built only with the `roof` feature.
 //!
 //! Semantics are torch.optim.AdamW's: decoupled weight decay, bias correction, plus a gradient
 //! scale factor (clipping) folded into the same pass. Results are bit-identical across SIMD
 //! paths and thread counts (see `kernels` for why).
 
 pub mod kernels;
-pub mod pool;
 pub mod reduce;
-pub mod simd;
+#[cfg(feature = "roof")]
+pub mod roof;
 
+use crate::cpu::pool::{self, Pool, SHARD_ALIGN};
+use crate::cpu::simd::{self, SimdLevel};
 use kernels::{Bufs, Consts};
-pub use pool::Pool;
-use simd::SimdLevel;
 
-/// Hyper-parameters in f64, as Python (and torch) hold them: the per-step constants are
-/// derived in f64 once, then rounded to f32 for the element loop.
-#[derive(Clone, Copy, Debug)]
-pub struct AdamParams {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    /// 1-based: the step being taken (torch increments before the update).
-    pub step: u64,
-    /// Multiplies the gradient before use (1.0, or max_norm / norm when clipping).
-    pub grad_scale: f64,
+/// AdamW's hyper-parameters, validated, in f64 as Python (and torch) hold them: the per-step
+/// constants are derived in f64 once, then rounded to f32 for the element loop. The values
+/// that change every step (the step number and the gradient scale) are separate arguments of
+/// the step. The one place the rules live: the Python `AdamW` wraps this struct.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
 }
 
-impl Default for AdamParams {
-    fn default() -> Self {
-        AdamParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, step: 1, grad_scale: 1.0 }
+/// One hyper-parameter of `AdamW`, with the rule its value must meet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    Lr,
+    Beta1,
+    Beta2,
+    Eps,
+    WeightDecay,
+}
+
+impl Field {
+    pub const ALL: [Field; 5] = [Field::Lr, Field::Beta1, Field::Beta2, Field::Eps, Field::WeightDecay];
+
+    /// The name errors use (with the torch `betas` index for the betas).
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Lr => "lr",
+            Field::Beta1 => "beta1 (betas[0])",
+            Field::Beta2 => "beta2 (betas[1])",
+            Field::Eps => "eps",
+            Field::WeightDecay => "weight_decay",
+        }
+    }
+
+    /// What a valid value is, as the error says it. lr may be 0 (it is the instantaneous
+    /// rate, and a schedule may reach 0); eps may not (it keeps the division finite).
+    pub fn rule(self) -> &'static str {
+        match self {
+            Field::Lr | Field::WeightDecay => "a finite number >= 0",
+            Field::Beta1 | Field::Beta2 => "a finite number in [0, 1)",
+            Field::Eps => "a finite number > 0",
+        }
+    }
+
+    pub fn accepts(self, x: f64) -> bool {
+        x.is_finite()
+            && match self {
+                Field::Lr | Field::WeightDecay => x >= 0.0,
+                Field::Beta1 | Field::Beta2 => (0.0..1.0).contains(&x),
+                Field::Eps => x > 0.0,
+            }
     }
 }
 
-/// Shard boundaries are multiples of this many elements: whole AVX-512 vectors, and whole
-/// 128-byte line pairs of the bf16 output, so no two threads write the same cache line.
-pub const SHARD_ALIGN: usize = 64;
+/// A hyper-parameter that breaks its rule.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HyperError {
+    pub field: Field,
+    pub value: f64,
+}
+
+impl std::fmt::Display for HyperError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} must be {}, got {:?}", self.field.name(), self.field.rule(), self.value)
+    }
+}
+
+impl std::error::Error for HyperError {}
+
+impl AdamW {
+    /// Checks every value against its `Field` rule, in the order of the arguments.
+    pub fn new(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<AdamW, HyperError> {
+        for (field, value) in Field::ALL.into_iter().zip([lr, beta1, beta2, eps, weight_decay]) {
+            if !field.accepts(value) {
+                return Err(HyperError { field, value });
+            }
+        }
+        Ok(AdamW { lr, beta1, beta2, eps, weight_decay })
+    }
+
+    /// The same hyper-parameters with another learning rate (checked).
+    pub fn with_lr(&self, lr: f64) -> Result<AdamW, HyperError> {
+        AdamW::new(lr, self.beta1, self.beta2, self.eps, self.weight_decay)
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+    pub fn beta1(&self) -> f64 {
+        self.beta1
+    }
+    pub fn beta2(&self) -> f64 {
+        self.beta2
+    }
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+    pub fn weight_decay(&self) -> f64 {
+        self.weight_decay
+    }
+}
+
+/// torch.optim.AdamW's defaults.
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+    }
+}
 
 /// From this many elements on, the bf16 copy is written with streaming stores (see
 /// `kernels::Bufs::stream_w`): a copy this large (2 MiB) does not stay in cache anyway.
 pub const STREAM_MIN: usize = 1 << 20;
 
-/// Below this many elements a step runs on the calling thread: waking workers costs more.
-pub const PARALLEL_MIN: usize = 1 << 15;
-
-fn check_level(level: SimdLevel) {
+pub(crate) fn check_level(level: SimdLevel) {
     assert!(
         level <= simd::hardware(),
         "SIMD level {} is not supported by this CPU (best: {})",
@@ -69,7 +155,7 @@ unsafe fn run_shard(level: SimdLevel, b: Bufs, start: usize, end: usize, c: &Con
     }
 }
 
-fn check_lengths(p: &[f32], g: &[f32], m: &[f32], v: &[f32], w: &Option<&mut [u16]>) {
+pub(crate) fn check_lengths(p: &[f32], g: &[f32], m: &[f32], v: &[f32], w: &Option<&mut [u16]>) {
     let n = p.len();
     assert!(
         g.len() == n && m.len() == n && v.len() == n && w.as_ref().is_none_or(|w| w.len() == n),
@@ -81,18 +167,25 @@ fn check_lengths(p: &[f32], g: &[f32], m: &[f32], v: &[f32], w: &Option<&mut [u1
     );
 }
 
-fn check_hp(hp: &AdamParams) {
-    assert!(hp.step >= 1, "adamw_step: step must be >= 1 (got {})", hp.step);
+fn check_step(step: u64) {
+    assert!(step >= 1, "adamw_step: step must be >= 1 (got {step})");
 }
 
-/// One fused pass over the whole slice on the global worker pool; `w_bf16` gets the rounded copy.
-pub fn adamw_step(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], w_bf16: Option<&mut [u16]>, hp: &AdamParams) {
-    adamw_step_with(simd::detected(), pool_for(p.len()), p, g, m, v, w_bf16, hp);
-}
-
-/// The pool a call over `n` elements uses by default: none (the calling thread) when small.
-pub fn pool_for(n: usize) -> Option<&'static Pool> {
-    (n >= PARALLEL_MIN).then(pool::global)
+/// One fused pass over the whole slice on the global worker pool; `w_bf16` gets the rounded
+/// copy. `step` is the 1-based step being taken (torch increments before the update);
+/// `grad_scale` multiplies the gradient first (1.0, or max_norm / norm when clipping).
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    w_bf16: Option<&mut [u16]>,
+    hyper: &AdamW,
+    step: u64,
+    grad_scale: f64,
+) {
+    adamw_step_with(simd::detected(), pool::pool_for(p.len()), p, g, m, v, w_bf16, hyper, step, grad_scale);
 }
 
 /// `adamw_step` on an explicit SIMD level and pool (`None`: the calling thread alone). For
@@ -106,13 +199,15 @@ pub fn adamw_step_with(
     m: &mut [f32],
     v: &mut [f32],
     w_bf16: Option<&mut [u16]>,
-    hp: &AdamParams,
+    hyper: &AdamW,
+    step: u64,
+    grad_scale: f64,
 ) {
     check_level(level);
     check_lengths(p, g, m, v, &w_bf16);
-    check_hp(hp);
+    check_step(step);
     let n = p.len();
-    let c = Consts::new(hp);
+    let c = Consts::new(hyper, step, grad_scale);
     let b = bufs(p, g, m, v, w_bf16);
     match pool.filter(|p| p.threads() > 1) {
         // SAFETY: the level was checked; chunks are disjoint and in bounds.
@@ -123,7 +218,7 @@ pub fn adamw_step_with(
 }
 
 /// The raw views the kernels take; the bf16 copy streams past the caches from STREAM_MIN on.
-fn bufs(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], w_bf16: Option<&mut [u16]>) -> Bufs {
+pub(crate) fn bufs(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], w_bf16: Option<&mut [u16]>) -> Bufs {
     Bufs {
         p: p.as_mut_ptr(),
         g: g.as_ptr(),
@@ -141,7 +236,7 @@ fn bufs(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], w_bf16: Option<&
 /// core is shared with other work, the thread pinned there no longer holds up the whole step.
 /// Which thread runs a chunk never changes a result: the work is element-wise, or (for
 /// reductions) writes one slot per chunk.
-fn sharded(pool: &Pool, n: usize, align: usize, chunk: usize, work: &(dyn Fn(usize, usize) + Sync)) {
+pub(crate) fn sharded(pool: &Pool, n: usize, align: usize, chunk: usize, work: &(dyn Fn(usize, usize) + Sync)) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let t = pool.threads();
     let claimed: Vec<AtomicUsize> = (0..t).map(|_| AtomicUsize::new(0)).collect();
@@ -165,39 +260,9 @@ fn sharded(pool: &Pool, n: usize, align: usize, chunk: usize, work: &(dyn Fn(usi
 /// traffic), small enough that a straggler's last chunk is short. A multiple of SHARD_ALIGN.
 pub const CHUNK: usize = 1 << 16;
 
-/// The memory-bandwidth roof of `adamw_step`: the same loads and stores, no arithmetic.
-/// Scribbles over p, m and v (benchmarks only).
-pub fn memory_roof_pass(
-    pool: Option<&Pool>,
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    w_bf16: Option<&mut [u16]>,
-) {
-    check_lengths(p, g, m, v, &w_bf16);
-    let level = simd::detected();
-    let n = p.len();
-    let b = bufs(p, g, m, v, w_bf16);
-    let one = |s: usize, e: usize| unsafe {
-        // SAFETY: level is the detected one; the range is in bounds.
-        match level {
-            #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx512 => kernels::x86::roof_avx512(b, s, e),
-            #[cfg(target_arch = "x86_64")]
-            SimdLevel::Avx2 => kernels::x86::roof_avx2(b, s, e),
-            _ => kernels::roof_scalar(b, s, e),
-        }
-    };
-    match pool.filter(|p| p.threads() > 1) {
-        Some(pool) => sharded(pool, n, SHARD_ALIGN, CHUNK, &one),
-        None => one(0, n),
-    }
-}
-
 /// Sum of squares (f64 accumulate, deterministic), on the global pool for large slices.
 pub fn grad_sq_norm(g: &[f32]) -> f64 {
-    grad_sq_norm_with(simd::detected(), pool_for(g.len()), g)
+    grad_sq_norm_with(simd::detected(), pool::pool_for(g.len()), g)
 }
 
 pub fn grad_sq_norm_with(level: SimdLevel, pool: Option<&Pool>, g: &[f32]) -> f64 {
@@ -232,7 +297,7 @@ unsafe impl Sync for SendPtr {}
 
 /// Whether every element is finite (no inf, no NaN).
 pub fn all_finite(g: &[f32]) -> bool {
-    all_finite_with(simd::detected(), pool_for(g.len()), g)
+    all_finite_with(simd::detected(), pool::pool_for(g.len()), g)
 }
 
 pub fn all_finite_with(level: SimdLevel, pool: Option<&Pool>, g: &[f32]) -> bool {
@@ -249,14 +314,6 @@ pub fn all_finite_with(level: SimdLevel, pool: Option<&Pool>, g: &[f32]) -> bool
         }
         _ => reduce::finite(level, g),
     }
-}
-
-/// The SIMD levels this CPU can run, lowest first (what the tests sweep over).
-pub fn supported_levels() -> Vec<SimdLevel> {
-    [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
-        .into_iter()
-        .filter(|&l| l <= simd::hardware())
-        .collect()
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! AdamW against an f64 reference, bit-identity across SIMD paths and thread counts, the bf16
-//! rounding against the `half` crate, and the reductions.
+//! rounding against the `half` crate, the reductions, and (feature `roof`) the bandwidth roof.
 
 use super::*;
+use crate::cpu::bf16::bf16_rne;
+use crate::cpu::pool::PARALLEL_MIN;
+use crate::cpu::simd::supported_levels;
 
 struct Rng(u64);
 impl Rng {
@@ -51,8 +54,8 @@ fn matches_an_f64_reference_over_steps() {
     );
     for step in 1..=10u64 {
         let g = r.vec(n, 0.5);
-        let hp = AdamParams { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.75 };
-        adamw_step(&mut s.p, &g, &mut s.m, &mut s.v, Some(&mut s.w), &hp);
+        let hp = AdamW::new(1e-2, 0.9, 0.99, 1e-8, 0.1).unwrap();
+        adamw_step(&mut s.p, &g, &mut s.m, &mut s.v, Some(&mut s.w), &hp, step, 0.75);
         let (b1, b2, lr) = (0.9f64, 0.99f64, 1e-2f64);
         for i in 0..n {
             let gs = g[i] as f64 * 0.75;
@@ -84,12 +87,12 @@ fn bit_identical_across_paths_and_thread_counts() {
     for &n in &SIZES {
         let init = state(n, 3 + n as u64);
         let g = Rng(5).vec(n, 1.0);
-        let hp = AdamParams { step: 3, grad_scale: 0.5, ..Default::default() };
+        let hp = AdamW::default();
         let mut reference: Option<State> = None;
         for level in supported_levels() {
             for pool in pools(&owned) {
                 let mut s = init.clone();
-                adamw_step_with(level, pool, &mut s.p, &g, &mut s.m, &mut s.v, Some(&mut s.w), &hp);
+                adamw_step_with(level, pool, &mut s.p, &g, &mut s.m, &mut s.v, Some(&mut s.w), &hp, 3, 0.5);
                 match &reference {
                     None => reference = Some(s),
                     Some(r) => {
@@ -110,11 +113,11 @@ fn bit_identical_across_paths_and_thread_counts() {
 fn without_a_bf16_copy_the_update_is_the_same() {
     let n = 333;
     let g = Rng(1).vec(n, 1.0);
-    let hp = AdamParams::default();
+    let hp = AdamW::default();
     let mut a = state(n, 2);
     let mut b = a.clone();
-    adamw_step(&mut a.p, &g, &mut a.m, &mut a.v, Some(&mut a.w), &hp);
-    adamw_step(&mut b.p, &g, &mut b.m, &mut b.v, None, &hp);
+    adamw_step(&mut a.p, &g, &mut a.m, &mut a.v, Some(&mut a.w), &hp, 1, 1.0);
+    adamw_step(&mut b.p, &g, &mut b.m, &mut b.v, None, &hp, 1, 1.0);
     assert_eq!(a.p, b.p);
     assert!(b.w.iter().all(|&x| x == 0));
 }
@@ -142,7 +145,7 @@ fn bf16_rounding_matches_half_on_every_path() {
     specials.extend((0..5000).map(|_| f32::from_bits(r.next() as u32)));
     for &x in &specials {
         let want = half::bf16::from_f32(x).to_bits();
-        let got = kernels::bf16_rne(x);
+        let got = bf16_rne(x);
         if x.is_nan() {
             assert!(half::bf16::from_bits(got).is_nan(), "NaN {x:?} rounded to a non-NaN {got:#x}");
             assert_eq!(got & 0x40, 0x40, "NaN must be quiet");
@@ -154,16 +157,16 @@ fn bf16_rounding_matches_half_on_every_path() {
     // The vector paths write the copy from p'; zero moments, zero gradient, no decay and a
     // step whose update is exactly 0 leave p' = p, so the copy is the rounding of the inputs.
     let n = specials.len();
-    let hp = AdamParams { lr: 0.0, weight_decay: 0.0, ..Default::default() };
+    let hp = AdamW::new(0.0, 0.9, 0.999, 1e-8, 0.0).unwrap();
     for level in supported_levels() {
         let mut p = specials.clone();
         let (g, mut m, mut v, mut w) = (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0u16; n]);
-        adamw_step_with(level, None, &mut p, &g, &mut m, &mut v, Some(&mut w), &hp);
+        adamw_step_with(level, None, &mut p, &g, &mut m, &mut v, Some(&mut w), &hp, 1, 1.0);
         for i in 0..n {
             if specials[i].is_nan() {
                 assert!(half::bf16::from_bits(w[i]).is_nan());
             } else {
-                assert_eq!(w[i], kernels::bf16_rne(p[i]), "level {} element {i}", level.name());
+                assert_eq!(w[i], bf16_rne(p[i]), "level {} element {i}", level.name());
                 assert_eq!(p[i].to_bits(), specials[i].to_bits(), "lr 0 must leave p unchanged");
             }
         }
@@ -216,15 +219,16 @@ fn finite_check_finds_a_bad_value_anywhere() {
 #[should_panic(expected = "lengths differ")]
 fn mismatched_lengths_panic() {
     let (mut p, g, mut m, mut v) = (vec![0f32; 4], vec![0f32; 3], vec![0f32; 4], vec![0f32; 4]);
-    adamw_step(&mut p, &g, &mut m, &mut v, None, &AdamParams::default());
+    adamw_step(&mut p, &g, &mut m, &mut v, None, &AdamW::default(), 1, 1.0);
 }
 
+#[cfg(feature = "roof")]
 #[test]
 fn memory_roof_touches_every_element() {
     let n = 1001;
     let (mut p, g, mut m, mut v, mut w) = (vec![1f32; n], vec![2f32; n], vec![3f32; n], vec![4f32; n], vec![0u16; n]);
     let pool = Pool::new(2);
-    memory_roof_pass(Some(&pool), &mut p, &g, &mut m, &mut v, Some(&mut w));
+    roof::memory_roof_pass(Some(&pool), &mut p, &g, &mut m, &mut v, Some(&mut w));
     let x = |a: f32| f32::from_bits(a.to_bits() ^ 2f32.to_bits());
     assert!(p.iter().all(|&e| e == x(1.0)) && m.iter().all(|&e| e == x(3.0)) && v.iter().all(|&e| e == x(4.0)));
     assert!(w.iter().all(|&e| e == (x(1.0).to_bits() >> 16) as u16));
@@ -233,7 +237,7 @@ fn memory_roof_touches_every_element() {
 #[test]
 fn constants_are_derived_in_f64_like_torch() {
     // torch computes 1 - beta2 from the Python float; so must we
-    let c = kernels::Consts::new(&AdamParams { beta2: 0.999, ..Default::default() });
+    let c = kernels::Consts::new(&AdamW::new(1e-3, 0.9, 0.999, 1e-8, 1e-2).unwrap(), 1, 1.0);
     assert_eq!(c.omb2, (1.0f64 - 0.999) as f32);
 }
 
@@ -245,24 +249,34 @@ fn streamed_bf16_copy_is_identical_at_any_alignment() {
     let n = STREAM_MIN + 77;
     let init = state(n, 21);
     let g = Rng(22).vec(n, 1.0);
-    let hp = AdamParams { step: 2, ..Default::default() };
+    let hp = AdamW::default();
     let mut want = init.clone();
-    adamw_step_with(SimdLevel::Scalar, None, &mut want.p, &g, &mut want.m, &mut want.v, Some(&mut want.w), &hp);
+    adamw_step_with(SimdLevel::Scalar, None, &mut want.p, &g, &mut want.m, &mut want.v, Some(&mut want.w), &hp, 2, 1.0);
     for skew in 0..4usize {
         for level in supported_levels() {
             for pool in pools(&owned) {
                 let mut s = init.clone();
                 let mut wbuf = vec![0u16; n + skew];
                 let w = &mut wbuf[skew..];
-                adamw_step_with(level, pool, &mut s.p, &g, &mut s.m, &mut s.v, Some(w), &hp);
+                adamw_step_with(level, pool, &mut s.p, &g, &mut s.m, &mut s.v, Some(w), &hp, 2, 1.0);
                 assert!(wbuf[skew..] == want.w[..], "bf16 copy differs: skew {skew} level {}", level.name());
                 assert!(s.p.iter().zip(&want.p).all(|(a, b)| a.to_bits() == b.to_bits()));
             }
         }
     }
+}
+
+#[cfg(feature = "roof")]
+#[test]
+fn memory_roof_streams_the_copy_at_an_unaligned_start() {
+    // (The roof half of streamed_bf16_copy_is_identical_at_any_alignment, same buffers.)
+    let owned: Vec<Pool> = (1..=3).map(Pool::new).collect();
+    let n = STREAM_MIN + 77;
+    let init = state(n, 21);
+    let g = Rng(22).vec(n, 1.0);
     let mut r = init.clone();
     let mut wbuf = vec![0u16; n + 1];
-    memory_roof_pass(Some(&owned[1]), &mut r.p, &g, &mut r.m, &mut r.v, Some(&mut wbuf[1..]));
+    roof::memory_roof_pass(Some(&owned[1]), &mut r.p, &g, &mut r.m, &mut r.v, Some(&mut wbuf[1..]));
     assert!(r.p.iter().zip(&init.p).zip(&g).all(|((a, b), gg)| a.to_bits() == b.to_bits() ^ gg.to_bits()));
     assert!(wbuf[1..].iter().zip(&r.p).all(|(w, p)| *w == (p.to_bits() >> 16) as u16));
 }
@@ -287,4 +301,41 @@ fn sharded_work_covers_every_element_once_even_with_a_straggler() {
         });
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "threads {threads}");
     }
+}
+
+#[test]
+fn hyper_parameters_follow_one_rule_each() {
+    let ok = AdamW::new(0.0, 0.0, 0.0, f64::MIN_POSITIVE, 0.0).unwrap();
+    assert_eq!((ok.lr(), ok.beta1(), ok.beta2(), ok.eps(), ok.weight_decay()), (0.0, 0.0, 0.0, f64::MIN_POSITIVE, 0.0));
+    let almost_one = 1.0 - f64::EPSILON / 2.0;
+    assert!(AdamW::new(1e3, almost_one, almost_one, 1.0, 1e3).is_ok());
+    let cases: [(f64, f64, f64, f64, f64, Field, f64); 10] = [
+        (-1e-9, 0.9, 0.999, 1e-8, 0.0, Field::Lr, -1e-9),
+        (f64::NAN, 0.9, 0.999, 1e-8, 0.0, Field::Lr, f64::NAN),
+        (f64::INFINITY, 0.9, 0.999, 1e-8, 0.0, Field::Lr, f64::INFINITY),
+        (1e-3, 1.0, 0.999, 1e-8, 0.0, Field::Beta1, 1.0),
+        (1e-3, -0.1, 0.999, 1e-8, 0.0, Field::Beta1, -0.1),
+        (1e-3, 0.9, 1.0, 1e-8, 0.0, Field::Beta2, 1.0),
+        (1e-3, 0.9, 0.999, 0.0, 0.0, Field::Eps, 0.0),
+        (1e-3, 0.9, 0.999, f64::INFINITY, 0.0, Field::Eps, f64::INFINITY),
+        (1e-3, 0.9, 0.999, 1e-8, -1.0, Field::WeightDecay, -1.0),
+        (1e-3, 0.9, 0.999, 1e-8, f64::NAN, Field::WeightDecay, f64::NAN),
+    ];
+    for (lr, b1, b2, eps, wd, field, value) in cases {
+        let e = AdamW::new(lr, b1, b2, eps, wd).unwrap_err();
+        assert_eq!(e.field, field);
+        assert_eq!(e.value.to_bits(), value.to_bits());
+    }
+    assert_eq!(
+        AdamW::new(-0.5, 0.9, 0.999, 1e-8, 0.0).unwrap_err().to_string(),
+        "lr must be a finite number >= 0, got -0.5"
+    );
+    assert_eq!(
+        AdamW::new(1e-3, 0.9, 1.0, 1e-8, 0.0).unwrap_err().to_string(),
+        "beta2 (betas[1]) must be a finite number in [0, 1), got 1.0"
+    );
+    // with_lr keeps the rest and checks the new rate
+    let hp = AdamW::new(1e-3, 0.8, 0.95, 1e-6, 0.1).unwrap();
+    assert_eq!(hp.with_lr(0.0).unwrap(), AdamW::new(0.0, 0.8, 0.95, 1e-6, 0.1).unwrap());
+    assert_eq!(hp.with_lr(-1.0).unwrap_err().field, Field::Lr);
 }

@@ -3,7 +3,7 @@
 //! chunks on request. A `HostRegion` owns one mapping; it is shared through `Arc` by everything
 //! that views it (layer slabs, tensors exported to Python), and unmapped with the last holder.
 
-use super::topology;
+use crate::cpu::topology;
 use serde::Serialize;
 use std::sync::Mutex;
 

@@ -3,6 +3,7 @@
 //! come last and adjoin, so the part that crosses PCIe is one contiguous range to pin.
 
 use super::arena::{page_size, HostRegion, MemoryError, RegionOptions, HUGE_PAGE};
+use crate::cpu::{bf16::bf16_rne, pool};
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,9 +99,8 @@ impl LayerSlab {
     }
 
     /// Rewrites the bf16 copy W from the master P (round to nearest even, NaN kept NaN), on
-    /// the Adam pool for large slabs: after P was loaded or edited outside the fused step.
+    /// the worker pool for large slabs: after P was loaded or edited outside the fused step.
     pub fn sync_weights_bf16(&self) {
-        use crate::adam::{kernels::bf16_rne, pool};
         let n = self.numel;
         let p = self.part_ptr(Part::Master).unwrap() as usize;
         let w = self.part_ptr(Part::WeightsBf16).unwrap() as usize;
@@ -110,15 +110,15 @@ impl LayerSlab {
                 unsafe { *(w as *mut u16).add(i) = bf16_rne(*(p as *const f32).add(i)) };
             }
         };
-        if n >= 1 << 15 {
-            let pool = pool::global();
-            let t = pool.threads();
-            pool.run(&|k| {
-                let (s, e) = pool::shard(n, t, k, 64);
-                one(s, e)
-            });
-        } else {
-            one(0, n);
+        match pool::pool_for(n) {
+            Some(pool) => {
+                let t = pool.threads();
+                pool.run(&|k| {
+                    let (s, e) = pool::shard(n, t, k, pool::SHARD_ALIGN);
+                    one(s, e)
+                });
+            }
+            None => one(0, n),
         }
     }
 

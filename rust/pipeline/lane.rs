@@ -1,6 +1,6 @@
 //! `Lane`: one worker thread running jobs in order (copies, AdamW hand-offs, accumulations).
 
-use crate::adam::{self, AdamParams};
+use crate::adam::{self, AdamW};
 use crate::pipeline::SlotRing;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +37,19 @@ pub enum Job {
     /// AdamW over `n` elements; `w_bf16` (0 = none) gets the rounded copy. With
     /// `skip_nonfinite`, a gradient holding NaN/Inf leaves the layer untouched (counted in
     /// the lane's `skipped`): the check runs here, so the device never waits on the host.
-    Adam { p: RawPtr, g: RawPtr, m: RawPtr, v: RawPtr, w_bf16: RawPtr, n: usize, hp: AdamParams, skip_nonfinite: bool },
+    /// `step` (1-based) and `grad_scale` are this step's; `hyper` the optimizer's.
+    Adam {
+        p: RawPtr,
+        g: RawPtr,
+        m: RawPtr,
+        v: RawPtr,
+        w_bf16: RawPtr,
+        n: usize,
+        hyper: AdamW,
+        step: u64,
+        grad_scale: f64,
+        skip_nonfinite: bool,
+    },
     /// Nothing: used to mark a point in the lane (e.g. "everything before is done").
     Marker,
 }
@@ -211,7 +223,7 @@ fn execute(step: Step, lane: &LaneState) -> Result<(), String> {
             Job::Copy { dst, src, bytes } => {
                 std::ptr::copy_nonoverlapping(src.0 as *const u8, dst.0 as *mut u8, bytes);
             }
-            Job::Adam { p, g, m, v, w_bf16, n, hp, skip_nonfinite } => {
+            Job::Adam { p, g, m, v, w_bf16, n, hyper, step: t, grad_scale, skip_nonfinite } => {
                 let g = std::slice::from_raw_parts(g.0 as *const f32, n);
                 if skip_nonfinite && !adam::all_finite(g) {
                     lane.skipped.fetch_add(1, Ordering::Relaxed);
@@ -224,7 +236,7 @@ fn execute(step: Step, lane: &LaneState) -> Result<(), String> {
                 let m = std::slice::from_raw_parts_mut(m.0 as *mut f32, n);
                 let v = std::slice::from_raw_parts_mut(v.0 as *mut f32, n);
                 let w = (w_bf16.0 != 0).then(|| std::slice::from_raw_parts_mut(w_bf16.0 as *mut u16, n));
-                adam::adamw_step(p, g, m, v, w, &hp);
+                adam::adamw_step(p, g, m, v, w, &hyper, t, grad_scale);
             }
             Job::Marker => {}
         }
@@ -267,7 +279,7 @@ mod tests {
         let src = vec![0.5f32; n];
         let mut landing = vec![0f32; n];
         let (mut p, mut m, mut v) = (vec![1f32; n], vec![0f32; n], vec![0f32; n]);
-        let hp = AdamParams { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 1, grad_scale: 1.0 };
+        let hyper = AdamW::new(0.1, 0.9, 0.999, 1e-8, 0.0).unwrap();
         let t1 = copy.submit(Step {
             job: Job::Copy { dst: RawPtr(landing.as_mut_ptr() as usize), src: RawPtr(src.as_ptr() as usize), bytes: 4 * n },
             after: vec![],
@@ -282,7 +294,9 @@ mod tests {
                 v: RawPtr(v.as_mut_ptr() as usize),
                 w_bf16: RawPtr(0),
                 n,
-                hp,
+                hyper,
+                step: 1,
+                grad_scale: 1.0,
                 skip_nonfinite: true,
             },
             after: vec![t1],

@@ -1,7 +1,7 @@
 //! Bindings of the transfer pipeline: slot rings, lanes and their tickets.
 
-use super::{err, guard};
-use crate::adam::AdamParams;
+use super::adam::PyAdamW;
+use super::err;
 use crate::pipeline::{lane::RawPtr, lane::Step, Job, Lane, SlotRing, Ticket};
 use pyo3::prelude::*;
 use std::sync::Arc;
@@ -117,6 +117,7 @@ impl PyPipeline {
 
     /// Queues a host memcpy on `lane`. The caller keeps both buffers alive until the ticket is done.
     #[pyo3(signature = (lane, dst, src, nbytes, *, after=None, cuda_event=None, release=None))]
+    #[allow(clippy::too_many_arguments)]
     fn copy(
         &self,
         lane: &str,
@@ -134,8 +135,10 @@ impl PyPipeline {
         Ok(PyTicket { t: self.lane(lane)?.submit(step_of(job, after, cuda_event, release)?) })
     }
 
-    /// Queues AdamW over `n` fp32 elements on the optimizer lane (`w_bf16` = 0: no bf16 copy).
-    #[pyo3(signature = (p, g, m, v, w_bf16, n, *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, skip_nonfinite=false, after=None, cuda_event=None, release=None))]
+    /// Queues AdamW over `n` fp32 elements on the optimizer lane (`w_bf16` = 0: no bf16 copy),
+    /// with the hyper-parameters `hyper`, as step `step` (1-based), the gradient scaled by
+    /// `grad_scale`.
+    #[pyo3(signature = (p, g, m, v, w_bf16, n, *, hyper, step, grad_scale=1.0, skip_nonfinite=false, after=None, cuda_event=None, release=None))]
     #[allow(clippy::too_many_arguments)]
     fn adam(
         &self,
@@ -145,12 +148,8 @@ impl PyPipeline {
         v: usize,
         w_bf16: usize,
         n: usize,
+        hyper: PyRef<'_, PyAdamW>,
         step: u64,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        eps: f64,
-        weight_decay: f64,
         grad_scale: f64,
         skip_nonfinite: bool,
         after: Option<Vec<PyRef<'_, PyTicket>>>,
@@ -163,8 +162,18 @@ impl PyPipeline {
         if step == 0 {
             return Err(err("adam: step counts from 1"));
         }
-        let hp = AdamParams { lr, beta1, beta2, eps, weight_decay, step, grad_scale };
-        let job = Job::Adam { p: RawPtr(p), g: RawPtr(g), m: RawPtr(m), v: RawPtr(v), w_bf16: RawPtr(w_bf16), n, hp, skip_nonfinite };
+        let job = Job::Adam {
+            p: RawPtr(p),
+            g: RawPtr(g),
+            m: RawPtr(m),
+            v: RawPtr(v),
+            w_bf16: RawPtr(w_bf16),
+            n,
+            hyper: hyper.hyper,
+            step,
+            grad_scale,
+            skip_nonfinite,
+        };
         Ok(PyTicket { t: self.optimizer.submit(step_of(job, after, cuda_event, release)?) })
     }
 
@@ -175,27 +184,10 @@ impl PyPipeline {
         Ok(PyTicket { t: self.lane(lane)?.submit(step_of(Job::Marker, None, cuda_event, None)?) })
     }
 
-    /// Waits for every lane to run what it has been given.
-    fn drain(&self, py: Python<'_>) -> PyResult<()> {
-        guard("Pipeline.drain", || {
-            py.allow_threads(|| {
-                self.h2d.drain()?;
-                self.d2h.drain()?;
-                self.optimizer.drain()
-            })
-            .map_err(err)
-        })
-    }
-
     /// AdamW jobs skipped so far because their gradient was not finite.
     #[getter]
     fn skipped_updates(&self) -> u64 {
         self.optimizer.state.skipped.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Seconds `lane`'s worker spent running jobs.
-    fn busy_seconds(&self, lane: &str) -> PyResult<f64> {
-        Ok(self.lane(lane)?.state.busy_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9)
     }
 }
 

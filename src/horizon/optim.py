@@ -12,7 +12,7 @@ GIL while it runs.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -42,37 +42,14 @@ def _check_tensor(fn: str, name: str, t, dtype: torch.dtype, numel: Optional[int
         raise HorizonError(f"{fn}: {name} has {t.numel()} elements; expected {numel} (as param)")
 
 
-def _as_float(fn: str, name: str, x) -> float:
-    if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"{fn}: {name} must be a number, got a tensor of shape {tuple(x.shape)}")
-        x = x.item()
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        raise ValueError(f"{fn}: {name} must be a number, got {x!r}") from None
-
-
-def _check_hyper(fn: str, lr, betas, eps, weight_decay) -> Tuple[float, float, float, float, float]:
-    lr = _as_float(fn, "lr", lr)
-    if not (math.isfinite(lr) and lr >= 0.0):
-        raise ValueError(f"{fn}: invalid learning rate lr={lr} (must be finite and >= 0)")
+def _hyper_of(group: dict) -> "_native.AdamW":
+    """A param group's hyper-parameters as one validated `_native.AdamW` (the one rule)."""
+    betas = group["betas"]
     try:
         b1, b2 = betas
     except (TypeError, ValueError):
-        raise ValueError(f"{fn}: betas must be a pair (beta1, beta2), got {betas!r}") from None
-    b1, b2 = _as_float(fn, "beta1", b1), _as_float(fn, "beta2", b2)
-    if not 0.0 <= b1 < 1.0:
-        raise ValueError(f"{fn}: invalid beta1={b1} (must be in [0, 1))")
-    if not 0.0 <= b2 < 1.0:
-        raise ValueError(f"{fn}: invalid beta2={b2} (must be in [0, 1))")
-    eps = _as_float(fn, "eps", eps)
-    if not (math.isfinite(eps) and eps >= 0.0):
-        raise ValueError(f"{fn}: invalid eps={eps} (must be finite and >= 0)")
-    weight_decay = _as_float(fn, "weight_decay", weight_decay)
-    if not (math.isfinite(weight_decay) and weight_decay >= 0.0):
-        raise ValueError(f"{fn}: invalid weight_decay={weight_decay} (must be finite and >= 0)")
-    return lr, b1, b2, eps, weight_decay
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+    return _native.AdamW(group["lr"], b1, b2, group["eps"], group["weight_decay"])
 
 
 def fused_adamw_(
@@ -81,15 +58,13 @@ def fused_adamw_(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     *,
+    hyper: "_native.AdamW",
     step: int,
-    lr: float,
-    betas=(0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
     grad_scale: float = 1.0,
     bf16_out: Optional[torch.Tensor] = None,
 ) -> None:
-    """In place: one AdamW step on `param`, `exp_avg`, `exp_avg_sq` from `grad * grad_scale`;
+    """In place: one AdamW step with the hyper-parameters `hyper` (a `horizon._native.AdamW`,
+    validated when it was made) on `param`, `exp_avg`, `exp_avg_sq` from `grad * grad_scale`;
     `bf16_out` (optional) receives the new parameters rounded to bf16 (nearest even).
 
     All tensors are contiguous CPU tensors of `param`'s numel: fp32, and bf16 for `bf16_out`;
@@ -103,12 +78,12 @@ def fused_adamw_(
     _check_tensor(fn, "exp_avg_sq", exp_avg_sq, torch.float32, n)
     if bf16_out is not None:
         _check_tensor(fn, "bf16_out", bf16_out, torch.bfloat16, n)
-    lr, b1, b2, eps, weight_decay = _check_hyper(fn, lr, betas, eps, weight_decay)
+    if not isinstance(hyper, _native.AdamW):
+        raise HorizonError(f"{fn}: hyper must be a horizon._native.AdamW, got {type(hyper).__name__}")
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"{fn}: step must be an int >= 1 (the step being taken), got {step!r}")
-    grad_scale = _as_float(fn, "grad_scale", grad_scale)
-    if not math.isfinite(grad_scale):
-        raise ValueError(f"{fn}: grad_scale must be finite, got {grad_scale}")
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not math.isfinite(grad_scale):
+        raise ValueError(f"{fn}: grad_scale must be a finite number, got {grad_scale!r}")
     if n == 0:
         return
     _native.adamw_step_raw(
@@ -118,13 +93,9 @@ def fused_adamw_(
         exp_avg_sq.data_ptr(),
         0 if bf16_out is None else bf16_out.data_ptr(),
         n,
-        lr=lr,
-        beta1=b1,
-        beta2=b2,
-        eps=eps,
-        weight_decay=weight_decay,
+        hyper=hyper,
         step=step,
-        grad_scale=grad_scale,
+        grad_scale=float(grad_scale),
     )
 
 
@@ -156,17 +127,20 @@ class CPUAdamW(torch.optim.Optimizer):
 
     A drop-in for ``torch.optim.AdamW(params, lr, betas, eps, weight_decay)``: same update,
     same state keys (``step``, ``exp_avg``, ``exp_avg_sq``), so state dicts move between the two;
-    param groups carry their own hyper-parameters. AMSGrad and ``maximize`` are not supported.
+    param groups carry their own hyper-parameters, each group's checked as one
+    ``horizon._native.AdamW`` (the one rule; a bad value is a one-line ValueError) when it is
+    added and at every step. AMSGrad and ``maximize`` are not supported.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        _check_hyper("CPUAdamW", lr, betas, eps, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        _hyper_of(defaults)
+        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_hyper("CPUAdamW", group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        _hyper_of(group)
         for i, p in enumerate(group["params"]):
             where = f"param {i} of group {len(self.param_groups) - 1}"
             if p.layout != torch.strided:
@@ -211,7 +185,7 @@ class CPUAdamW(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             if group.get("amsgrad", False) or group.get("maximize", False):
                 raise HorizonError(f"CPUAdamW: group {gi} asks for amsgrad/maximize, which CPUAdamW does not support")
-            lr, b1, b2, eps, wd = _check_hyper("CPUAdamW", group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            hyper = _hyper_of(group)  # a scheduler may have changed the group since
             for p in group["params"]:
                 g = p.grad
                 if g is None:
@@ -231,11 +205,8 @@ class CPUAdamW(torch.optim.Optimizer):
                     g.contiguous(),
                     state["exp_avg"],
                     state["exp_avg_sq"],
+                    hyper=hyper,
                     step=step,
-                    lr=lr,
-                    betas=(b1, b2),
-                    eps=eps,
-                    weight_decay=wd,
                 )
                 if target is not p:
                     p.copy_(target)
@@ -245,7 +216,7 @@ class CPUAdamW(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------- options
 from dataclasses import dataclass  # noqa: E402
 
-from .options import check_fields, option  # noqa: E402
+from .options import ConfigError, check_fields, flag, option  # noqa: E402
 
 
 @dataclass
@@ -255,15 +226,25 @@ class OptimizerConfig:
     it)."""
 
     lr: float = option(2e-3, "peak learning rate", gt=0.0, metavar="LR")
-    beta1: float = option(0.9, "AdamW beta1", ge=0.0, lt=1.0, metavar="B1")
-    beta2: float = option(0.95, "AdamW beta2", ge=0.0, lt=1.0, metavar="B2")
-    eps: float = option(1e-8, "AdamW epsilon", gt=0.0, metavar="EPS")
-    weight_decay: float = option(0.0, "decoupled AdamW weight decay", ge=0.0, metavar="WD")
+    beta1: float = option(0.9, "AdamW beta1, in [0, 1)", metavar="B1")
+    beta2: float = option(0.95, "AdamW beta2, in [0, 1)", metavar="B2")
+    eps: float = option(1e-8, "AdamW epsilon, > 0", metavar="EPS")
+    weight_decay: float = option(0.0, "decoupled AdamW weight decay, >= 0", metavar="WD")
     grad_clip: float | None = option(None, "clip the global gradient norm to this value", gt=0.0, metavar="NORM",
                                      default_help="off")
 
     def __post_init__(self):
-        check_fields(self)
+        check_fields(self)  # types; the peak lr > 0; grad_clip > 0
+        self.adamw()  # the ranges of AdamW's own values: the native object's rule, the only one
+
+    def adamw(self) -> "_native.AdamW":
+        """The hyper-parameter object the Rust AdamW takes whole (at the peak lr)."""
+        try:
+            return _native.AdamW(self.lr, self.beta1, self.beta2, self.eps, self.weight_decay)
+        except ValueError as e:  # "beta2 (betas[1]) must be ..." -> "--beta2 must be ..."
+            name, _, rest = str(e).partition(" must be ")
+            name = name.split(" ")[0]
+            raise ConfigError(f"{flag(name)} must be {rest}", name) from None
 
     @property
     def betas(self) -> tuple:

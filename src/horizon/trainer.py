@@ -38,6 +38,15 @@ def _configs(optim, engine, kw: dict):
         raise ConfigError(str(err).replace(flag(name), shown), err.option) from None
 
 
+def _hyper(make, *args):
+    """AdamW hyper-parameters from `make` (`_native.AdamW` or `with_lr`, the one rule); a bad
+    value is reported as the Trainer reports bad arguments: a HorizonError, AdamW's one line."""
+    try:
+        return make(*args)
+    except ValueError as e:
+        raise HorizonError(str(e)) from None
+
+
 class Trainer:
     """Trains a Llama-family model whose home is host RAM (fp32 master + AdamW state in
     Rust-owned slabs); the device streams layers in and gradients out, one layer at a time.
@@ -64,10 +73,7 @@ class Trainer:
         oc, ec = self.optim_config, self.engine_config
         self.device = resolve_device(ec.device)
         self.compute_dtype = resolve_dtype(ec.compute_dtype, self.device)
-        self.lr = oc.lr
-        self.weight_decay = oc.weight_decay
-        self.betas = oc.betas
-        self.eps = oc.eps
+        self.adamw = oc.adamw()  # the one AdamW hyper-parameter object, carried whole to the Rust workers
         self.grad_clip = oc.grad_clip
         self.micro_batch_size = ec.micro_batch_size
 
@@ -181,8 +187,7 @@ class Trainer:
         `last_step_skipped`."""
         ids, lab = self._check_batch(input_ids, labels)
         mbs = self.micro_batch_size or ids.shape[0]
-        result = self.engine.step(ids, lab, mbs, step=self.step + 1, lr=self.lr, betas=self.betas, eps=self.eps,
-                                  weight_decay=self.weight_decay)
+        result = self.engine.step(ids, lab, mbs, step=self.step + 1, hyper=self.adamw)
         self.last_loss = result.loss
         self.last_grad_norm = result.grad_norm
         self.last_step_skipped = result.skipped
@@ -196,9 +201,7 @@ class Trainer:
 
     def set_lr(self, lr) -> None:
         """The learning rate of the next steps (a schedule may reach 0)."""
-        from .options import check_value
-
-        self.lr = check_value("lr", lr, "float", False, {"ge": 0.0})
+        self.adamw = _hyper(self.adamw.with_lr, lr)
 
     def _landed_skips(self) -> int:
         self.engine.wait_all()

@@ -194,8 +194,7 @@ class GradientLanding:
     def _event_arg(self, ev):
         return None if ev is None else (int(ev.cuda_event), self.device.index or 0)
 
-    def land_and_update(self, key, flat_grad, slab, *, step, lr, betas, eps, weight_decay, write_bf16,
-                        skip_nonfinite: bool = False) -> None:
+    def land_and_update(self, key, flat_grad, slab, *, hyper, step, write_bf16, skip_nonfinite: bool = False) -> None:
         """Async: gradient -> landing slot -> AdamW on `slab` (and its bf16 copy if asked).
         With `skip_nonfinite` the worker leaves the layer untouched when the landed gradient
         holds NaN/Inf (counted in `skipped_updates`), so no host read of the device is needed."""
@@ -210,8 +209,7 @@ class GradientLanding:
         t = self._pipe.adam(
             slab.master.data_ptr(), landing.data_ptr(), slab.exp_avg.data_ptr(), slab.exp_avg_sq.data_ptr(),
             slab.weights_bf16.data_ptr() if write_bf16 else 0, slab.numel,
-            step=int(step), lr=float(lr), beta1=float(betas[0]), beta2=float(betas[1]), eps=float(eps),
-            weight_decay=float(weight_decay), grad_scale=1.0, skip_nonfinite=bool(skip_nonfinite),
+            hyper=hyper, step=int(step), grad_scale=1.0, skip_nonfinite=bool(skip_nonfinite),
             after=[ticket] if ticket is not None else None, cuda_event=self._event_arg(ev),
             release=(self._ring, slot),
         )
@@ -228,14 +226,13 @@ class GradientLanding:
             ticket = self._pipe.marker("d2h", cuda_event=self._event_arg(ev))
         self._jobs.setdefault(key, []).append((ticket, keep + (slab,)))
 
-    def update_from_buffer(self, key, slab, *, step, lr, betas, eps, weight_decay, grad_scale, write_bf16) -> None:
+    def update_from_buffer(self, key, slab, *, hyper, step, grad_scale, write_bf16) -> None:
         """Async AdamW from the slab's gradient buffer, after its landing, scaled by grad_scale."""
         after = [t for t, _ in self._jobs.get(key, [])]
         t = self._pipe.adam(
             slab.master.data_ptr(), slab.grad.data_ptr(), slab.exp_avg.data_ptr(), slab.exp_avg_sq.data_ptr(),
             slab.weights_bf16.data_ptr() if write_bf16 else 0, slab.numel,
-            step=int(step), lr=float(lr), beta1=float(betas[0]), beta2=float(betas[1]), eps=float(eps),
-            weight_decay=float(weight_decay), grad_scale=float(grad_scale), after=after or None,
+            hyper=hyper, step=int(step), grad_scale=float(grad_scale), after=after or None,
         )
         self._jobs.setdefault(key, []).append((t, (slab,)))
 

@@ -155,9 +155,10 @@ class LayerMajorEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int, *, step: int,
-             lr: float, betas, eps: float, weight_decay: float) -> StepResult:
+             hyper: _native.AdamW) -> StepResult:
         """One optimizer step on the whole batch (`input_ids`, `labels` [N, T] on the CPU,
-        labels unshifted, HF convention). `step` is the 1-based AdamW step number."""
+        labels unshifted, HF convention). `step` is the 1-based AdamW step number, `hyper` the
+        AdamW hyper-parameters it runs with."""
         dev = self.device
         spec = self.spec
         layers = self.model.layers
@@ -275,8 +276,7 @@ class LayerMajorEngine:
                 return StepResult(loss, None, True, 0, n_rows * seq)
 
             norms = []
-            skipped_layers = self._land(head, head_acc, norms, step=step, lr=lr, betas=betas, eps=eps,
-                                        weight_decay=weight_decay)
+            skipped_layers = self._land(head, head_acc, norms, step=step, hyper=hyper)
             del head_acc
             self.device_ledger.hold("head-acc", tensor_bytes(tied_acc))
 
@@ -315,8 +315,7 @@ class LayerMajorEngine:
                 del xs
                 grads_out = new_grads
                 self._hold_list("grads-out", grads_out)
-                skipped_layers += self._land(b, acc, norms, step=step, lr=lr, betas=betas, eps=eps,
-                                             weight_decay=weight_decay)
+                skipped_layers += self._land(b, acc, norms, step=step, hyper=hyper)
                 self.device_ledger.drop("layer-acc")
                 del acc
 
@@ -329,8 +328,7 @@ class LayerMajorEngine:
                 embed.defn.template.weight_grad_(ew, ids, gy)
             del grads_out
             self.device_ledger.drop("grads-out")
-            skipped_layers += self._land(embed, eacc, norms, step=step, lr=lr, betas=betas, eps=eps,
-                                         weight_decay=weight_decay)
+            skipped_layers += self._land(embed, eacc, norms, step=step, hyper=hyper)
             self._flush_landings()
             del eacc, tied_acc
             self.device_ledger.drop("layer-acc")
@@ -349,8 +347,7 @@ class LayerMajorEngine:
                 scale = min(1.0, self.grad_clip / (grad_norm + 1e-6))
                 for layer in layers:  # embedding first: the next forward needs it first
                     self.landing.update_from_buffer(
-                        layer.key, layer.slab, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        grad_scale=scale, write_bf16=self.write_bf16,
+                        layer.key, layer.slab, hyper=hyper, step=step, grad_scale=scale, write_bf16=self.write_bf16,
                     )
             return StepResult(loss, grad_norm, False, skipped_layers, n_rows * seq)
         except BaseException:
@@ -390,7 +387,7 @@ class LayerMajorEngine:
         for name in ("hidden", "grads-out", "head-acc", "layer-acc"):
             self.device_ledger.drop(name)
 
-    def _land(self, layer: HostLayer, acc: torch.Tensor, norms: list, *, step, lr, betas, eps, weight_decay) -> int:
+    def _land(self, layer: HostLayer, acc: torch.Tensor, norms: list, *, step, hyper) -> int:
         """Sends one layer's step gradient off the device (once per step). Without clipping,
         the Rust worker checks the landed gradient and skips a non-finite layer's update
         itself (counted in `landing.skipped_updates`), so the device never waits for a host
@@ -402,8 +399,7 @@ class LayerMajorEngine:
             self.landing.land_to_buffer(layer.key, acc, layer.slab)
             return 0
         self.landing.land_and_update(
-            layer.key, acc, layer.slab, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            write_bf16=self.write_bf16, skip_nonfinite=True,
+            layer.key, acc, layer.slab, hyper=hyper, step=step, write_bf16=self.write_bf16, skip_nonfinite=True,
         )
         return 0
 

@@ -1,53 +1,14 @@
-//! Bindings of the system report (`horizon doctor`) and the kernel launcher.
+//! Bindings of the CUDA side (`crate::cuda`): whether kernels and a driver exist, the kernel
+//! launcher and the occupancy query.
 
 use super::{err, guard};
 use crate::cuda::{self, KernelArg};
-use crate::memory::topology;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
-
-/// Everything `horizon doctor` reports from the native side, as one JSON object.
-#[pyfunction]
-fn system_info_json() -> PyResult<String> {
-    guard("system_info_json", || {
-        let (ram_total, ram_available) = topology::host_memory_bytes();
-        let driver = cuda::driver_available();
-        let (gpus, gpu_error) = if driver {
-            match cuda::gpus() {
-                Ok(g) => (g, None),
-                Err(e) => (Vec::new(), Some(e.to_string())),
-            }
-        } else {
-            (Vec::new(), None)
-        };
-        let simd = crate::adam::simd::detected();
-        let v = serde_json::json!({
-            "native_version": crate::VERSION,
-            "simd": simd.name(),
-            "simd_hardware": crate::adam::simd::hardware().name(),
-            "numa_nodes": topology::numa_nodes(),
-            "allowed_cpus": topology::allowed_cpus(),
-            "host_memory_total_bytes": ram_total,
-            "host_memory_available_bytes": ram_available,
-            "cuda_driver_present": driver,
-            "cuda_driver_version": cuda::driver_version(),
-            "gpus": gpus,
-            "gpu_error": gpu_error,
-            "kernel_build": cuda::kernel_build_status(),
-            "kernels": cuda::embedded_kernels(),
-        });
-        Ok(v.to_string())
-    })
-}
 
 #[pyfunction]
 fn has_kernels() -> bool {
     !cuda::fatbin().is_empty()
-}
-
-#[pyfunction]
-fn ptxas_report() -> &'static str {
-    cuda::ptxas_report()
 }
 
 #[pyfunction]
@@ -111,19 +72,10 @@ fn max_active_blocks_per_sm(name: &str, block_threads: i32, shared_mem: usize, d
     })
 }
 
-/// Raises a Rust panic inside the guard: lets the tests show a panic becomes a HorizonError.
-#[pyfunction]
-fn _panic_for_test(message: String) -> PyResult<()> {
-    guard("_panic_for_test", || panic!("{message}"))
-}
-
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(system_info_json, m)?)?;
     m.add_function(wrap_pyfunction!(has_kernels, m)?)?;
-    m.add_function(wrap_pyfunction!(ptxas_report, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_driver_present, m)?)?;
     m.add_function(wrap_pyfunction!(launch, m)?)?;
     m.add_function(wrap_pyfunction!(max_active_blocks_per_sm, m)?)?;
-    m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     Ok(())
 }

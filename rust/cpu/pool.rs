@@ -4,7 +4,7 @@
 //! caller returns when every shard is done. Callers are serialised, so steps from several
 //! threads queue rather than oversubscribe.
 
-use crate::memory::topology;
+use super::topology;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 type JobFn = dyn Fn(usize) + Sync;
@@ -158,6 +158,18 @@ fn worker(shared: Arc<Shared>, index: usize, cpu: Option<usize>) {
             shared.done.notify_all();
         }
     }
+}
+
+/// Shard boundaries are multiples of this many elements: whole AVX-512 vectors, and whole
+/// 128-byte line pairs of a bf16 output, so no two threads write the same cache line.
+pub const SHARD_ALIGN: usize = 64;
+
+/// Below this many elements a pass runs on the calling thread: waking workers costs more.
+pub const PARALLEL_MIN: usize = 1 << 15;
+
+/// The pool a pass over `n` elements uses by default: none (the calling thread) when small.
+pub fn pool_for(n: usize) -> Option<&'static Pool> {
+    (n >= PARALLEL_MIN).then(global)
 }
 
 /// Threads a step uses by default: `HORIZON_ADAM_THREADS`, else one per allowed CPU.

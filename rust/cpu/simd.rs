@@ -54,3 +54,11 @@ pub fn hardware() -> SimdLevel {
     }
     SimdLevel::Scalar
 }
+
+/// The SIMD levels this CPU can run, lowest first (what the tests sweep over).
+pub fn supported_levels() -> Vec<SimdLevel> {
+    [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
+        .into_iter()
+        .filter(|&l| l <= hardware())
+        .collect()
+}
