@@ -8,8 +8,9 @@ positions and attends block-diagonally: a token sees the earlier tokens of its o
 only (and, in a sliding-window layer, only the last `window` of them, itself included); the
 label of each document's first token is ignored (it would be the previous document's last
 prediction). A packed row then trains exactly as its documents would one by one, and as
-transformers trains the same row given the same position_ids (it finds the documents from the
-same ids). Without position ids every row is one document at positions 0..seq-1, and a
+transformers trains the same row given the same position_ids and use_cache=False (it finds
+the documents from the ids where a position does not follow its predecessor; with a cache it
+does not look for them and only the rotary positions restart). Without position ids every row is one document at positions 0..seq-1, and a
 full-attention layer takes SDPA's causal path with no mask tensor at all.
 
 The masks are explicit boolean tensors for SDPA, on the CPU and on CUDA alike; a
