@@ -293,7 +293,8 @@ SYNTHETIC_ROPE = {
     "dynamic": {"max_position_embeddings": 8, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
     "longrope": {"max_position_embeddings": 64, "rope_scaling": {
         "rope_type": "longrope", "original_max_position_embeddings": 8,
-        "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5, 3.0, 4.0], "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0]}},
+        "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5, 3.0, 4.0],
+        "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0]}},
 }
 
 

@@ -115,7 +115,9 @@ class RopeSpec:
             if original is None:
                 original = max_position_embeddings  # transformers' standardisation does the same
             if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
-                raise HorizonError(f"{where}: original_max_position_embeddings must be a positive integer, got {original!r}")
+                raise HorizonError(
+                    f"{where}: original_max_position_embeddings must be a positive integer, got {original!r}"
+                )
             fields["original_max_position_embeddings"] = original
             fields["factor"] = number("factor", required=rope_type == "llama3")
             if rope_type in ("yarn", "longrope"):
@@ -123,8 +125,8 @@ class RopeSpec:
                 if fields["attention_factor"] is not None and fields["attention_factor"] < 0:
                     raise HorizonError(f"{where}: attention_factor must be >= 0, got {params['attention_factor']!r}")
         if rope_type == "yarn":
-            fields.update(beta_fast=number("beta_fast", positive=False), beta_slow=number("beta_slow", positive=False),
-                          mscale=number("mscale", positive=False), mscale_all_dim=number("mscale_all_dim", positive=False))
+            for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                fields[key] = number(key, positive=False)
             truncate = params.get("truncate", True)
             if truncate not in (True, False):
                 raise HorizonError(f"{where}: truncate must be true or false, got {truncate!r}")

@@ -10,8 +10,9 @@ label of each document's first token is ignored (it would be the previous docume
 prediction). A packed row then trains exactly as its documents would one by one, and as
 transformers trains the same row given the same position_ids and use_cache=False (it finds
 the documents from the ids where a position does not follow its predecessor; with a cache it
-does not look for them and only the rotary positions restart). Without position ids every row is one document at positions 0..seq-1, and a
-full-attention layer takes SDPA's causal path with no mask tensor at all.
+does not look for them and only the rotary positions restart). Without position ids every
+row is one document at positions 0..seq-1, and a full-attention layer takes SDPA's causal
+path with no mask tensor at all.
 
 The masks are explicit boolean tensors for SDPA, on the CPU and on CUDA alike; a
 variable-length (document-indexed) attention kernel on CUDA is future work.
