@@ -166,6 +166,19 @@ def test_missing_keys_take_transformers_defaults():
     assert old.rope == new.rope and new.rope.rope_type == "linear" and new.rope_theta == 123.0
 
 
+def test_pad_token_id_is_read_as_torch_reads_padding_idx():
+    base = _shrink(LLAMA_31_8B)
+    assert ModelSpec.from_hf_config(base).pad_token_id is None
+    assert ModelSpec.from_hf_config({**base, "pad_token_id": 5}).pad_token_id == 5
+    # Early Llama conversions wrote -1: torch's padding_idx counts it from the end.
+    assert ModelSpec.from_hf_config({**base, "pad_token_id": -1}).pad_token_id == VOCAB - 1
+    assert transformers.AutoModelForCausalLM.from_config(
+        _hf_config({**base, "pad_token_id": -1})).model.embed_tokens.padding_idx == VOCAB - 1
+    with pytest.raises(HorizonError, match="pad_token_id") as e:
+        ModelSpec.from_hf_config({**base, "pad_token_id": VOCAB})
+    assert "\n" not in str(e.value)
+
+
 def test_spec_matches_transformers_defaults_field_by_field():
     """The resolved values are transformers' own: compare with the config object it builds."""
     for name, cfg in CASES.items():

@@ -22,14 +22,16 @@ modeling code does not read it either) not used:
   max_window_layers / layer_types (Qwen2, Qwen3: per layer), and the MoE keys
   (num_local_experts / num_experts, num_experts_per_tok, moe_intermediate_size,
   decoder_sparse_step, mlp_only_layers, norm_topk_prob, output_router_logits,
-  router_aux_loss_coef); pad_token_id is the embedding's padding row (transformers'
-  nn.Embedding padding_idx), the business of the embedding gradient.
+  router_aux_loss_coef); pad_token_id is read into `pad_token_id` (transformers'
+  nn.Embedding padding_idx: a zero row at init that never gets a gradient), which the
+  embedding's init and gradient apply.
 - refused with a one-line HorizonError: attention_dropout other than 0 (dropout on the
   attention probabilities is not implemented), any other hidden_act, partial_rotary_factor
   other than 1 (these families rotate the whole head), rope types other than the six above
   (e.g. 'proportional', mrope), longrope factor lists whose length is not head_dim / 2,
   router_jitter_noise other than 0 (Mixtral), a `layer_types` entry other than
-  full_attention / sliding_attention or a sliding layer without a sliding_window (Qwen2/3).
+  full_attention / sliding_attention or a sliding layer without a sliding_window (Qwen2/3),
+  a pad_token_id outside the embedding (transformers cannot build that model either).
 - not used, as transformers' modeling does not use them: use_cache, bos/eos_token_id,
   pretraining_tp (Llama; transformers 5 ignores it and it never changed the math), and keys a
   family's modeling does not read (layer_types on Mistral / Mixtral / Qwen3-MoE, whose
@@ -156,6 +158,10 @@ class ModelSpec:
     # The rotary embedding (type and parameters); None: the default RoPE of rope_theta.
     rope: RopeSpec | None = None
     max_position_embeddings: int | None = None
+    # transformers' nn.Embedding padding_idx (pad_token_id, a negative id counted from the
+    # end as torch does): HF zeroes that row at init and never gives it a gradient. Read and
+    # validated here; the embedding's init and gradient are where it applies.
+    pad_token_id: int | None = None
 
     def __post_init__(self):
         if self.rope is None:
@@ -245,13 +251,21 @@ class ModelSpec:
         windows = _layer_windows(res, model_type, n_layers)
         window = next((w for w in windows if w is not None), None)
 
+        vocab = _positive_int(res, "vocab_size")
+        pad = res.get("pad_token_id")
+        if pad is not None:
+            if isinstance(pad, bool) or not isinstance(pad, int) or not -vocab <= pad < vocab:
+                raise HorizonError(f"config.json: pad_token_id must be an integer in [-{vocab}, {vocab}) "
+                                   f"(a row of the embedding), got {pad!r}")
+            pad = pad % vocab
+
         init_range = res.get("initializer_range", 0.02)
         if isinstance(init_range, bool) or not isinstance(init_range, (int, float)) or init_range < 0:
             raise HorizonError(f"config.json: initializer_range must be >= 0, got {init_range!r}")
 
         return cls(
             architecture=arch,
-            vocab_size=_positive_int(res, "vocab_size"),
+            vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=_positive_int(res, "intermediate_size"),
             num_layers=n_layers,
@@ -271,6 +285,7 @@ class ModelSpec:
             layer_windows=windows,
             rope=rope,
             max_position_embeddings=max_pos,
+            pad_token_id=pad,
             **moe,
         )
 
