@@ -146,7 +146,9 @@ def test_spec_reads_rope_and_flags():
         ({"hidden_size": 0}, "hidden_size"),
         ({"num_key_value_heads": 3}, "num_key_value_heads"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type"),
+        ({"rope_parameters": {"rope_type": "su", "rope_theta": 1e4}}, "rope_type"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "factor"),
+        ({"attention_dropout": 0.1}, "attention_dropout"),
         ({"vocab_size": -5}, "vocab_size"),
     ],
 )

@@ -146,7 +146,7 @@ class Trainer:
         return cls(spec, _init=lambda model: model.init_random_(seed), **kwargs)
 
     # ------------------------------------------------------------------ training
-    def _check_batch(self, input_ids, labels):
+    def _check_batch(self, input_ids, labels, position_ids=None):
         def as_ids(x, what):
             if not isinstance(x, torch.Tensor):
                 try:
@@ -173,21 +173,28 @@ class Trainer:
             bad = (lab != -100) & ((lab < 0) | (lab >= v))
             if bool(bad.any()):
                 raise HorizonError(f"labels hold {int(lab[bad][0])}, neither -100 nor in [0, {v})")
-        seq = ids.shape[1]
-        window = self.spec.sliding_window
-        if window is not None and seq > window:
-            raise HorizonError(f"sequence length {seq} exceeds the model's sliding window {window} (not supported)")
-        return ids, lab
+        pos = None
+        if position_ids is not None:
+            from .models import check_position_ids
 
-    def train_step(self, input_ids, labels=None) -> float:
+            pos = check_position_ids(position_ids, ids.shape)
+        return ids, lab, pos
+
+    def train_step(self, input_ids, labels=None, *, position_ids=None) -> float:
         """One optimizer step on the whole batch `input_ids` [N, T] (split into micro-batches
         of `micro_batch_size` rows). Labels default to input_ids (HF convention: shifted
         inside, -100 ignored). Returns the mean loss over the step's label tokens; a step
         whose loss (or, with clipping, gradient norm) is not finite changes nothing and sets
-        `last_step_skipped`."""
-        ids, lab = self._check_batch(input_ids, labels)
+        `last_step_skipped`.
+
+        `position_ids` [N, T]: packed documents in the padding-free convention (ids count 0, 1,
+        2, ... within a document, 0 starts the next one; every row starts at 0). Each document
+        then attends only to itself, takes the rotary embedding at its own positions, and its
+        first token is no label of the document before it: a packed row trains as its
+        documents would one by one (`horizon.models.positions`). None: one document per row."""
+        ids, lab, pos = self._check_batch(input_ids, labels, position_ids)
         mbs = self.micro_batch_size or ids.shape[0]
-        result = self.engine.step(ids, lab, mbs, step=self.step + 1, hyper=self.adamw)
+        result = self.engine.step(ids, lab, mbs, step=self.step + 1, hyper=self.adamw, position_ids=pos)
         self.last_loss = result.loss
         self.last_grad_norm = result.grad_norm
         self.last_step_skipped = result.skipped

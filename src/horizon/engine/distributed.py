@@ -392,13 +392,13 @@ class DataParallelEngine(LayerMajorEngine):
         return layer.compute[: layer.numel]
 
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor, *args, **kwargs) -> StepResult:
-        self._check_same_batch(input_ids, labels)
+        self._check_same_batch(input_ids, labels, kwargs.get("position_ids"))
         result = super().step(input_ids, labels, *args, **kwargs)
         if not result.skipped:
             self.model.mark_stale_()
         return result
 
-    def _check_same_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+    def _check_same_batch(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids=None) -> None:
         """One small collective: every rank must pass the same global batch. Feeding each
         rank its own data (the DistributedSampler habit) would otherwise train silently on
         the wrong rows, so it is refused on every rank alike."""
@@ -407,7 +407,8 @@ class DataParallelEngine(LayerMajorEngine):
             weights = torch.arange(flat.numel(), dtype=torch.int64) % 1000003 + 1
             return int((flat * weights).sum())  # int64 wraps alike on every rank
 
-        mine = torch.tensor([digest(input_ids), digest(labels), *input_ids.shape], dtype=torch.int64)
+        pos = digest(position_ids) if position_ids is not None else -1
+        mine = torch.tensor([digest(input_ids), digest(labels), pos, *input_ids.shape], dtype=torch.int64)
         both = torch.cat([mine, -mine])
         # On the host group (Gloo): no device work, no wait for the device.
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.model._host_group)

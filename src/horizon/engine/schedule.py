@@ -25,7 +25,8 @@ import torch
 
 from .. import _native, kernels
 from ..errors import HorizonError
-from ..models import shift_labels
+from ..kernels.rope import RotaryEmbedding
+from ..models import micro_batch_inputs, shift_labels
 from .activations import ActivationStore
 from .ledger import MemoryLedger, SavedActivations, tensor_bytes
 from .pipeline import GradientLanding, WeightStream
@@ -125,6 +126,7 @@ class LayerMajorEngine:
             offload_checkpoints = True if not self._cuda else None  # CUDA: decided per step by size
         self._offload_setting = offload_checkpoints
         self.layer_landings: dict = {}  # key -> landings in the last step (the once-per-step invariant)
+        self.rotary = RotaryEmbedding(self.spec.rope)  # stateful for the dynamic / longrope types
 
     # ------------------------------------------------------------------ helpers
     def weight_source(self, layer: HostLayer) -> torch.Tensor:
@@ -155,10 +157,11 @@ class LayerMajorEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int, *, step: int,
-             hyper: _native.AdamW) -> StepResult:
+             hyper: _native.AdamW, position_ids=None) -> StepResult:
         """One optimizer step on the whole batch (`input_ids`, `labels` [N, T] on the CPU,
         labels unshifted, HF convention). `step` is the 1-based AdamW step number, `hyper` the
-        AdamW hyper-parameters it runs with."""
+        AdamW hyper-parameters it runs with. `position_ids` [N, T] (CPU int64, validated):
+        packed documents, see `models.positions`; None: one document per row."""
         dev = self.device
         spec = self.spec
         layers = self.model.layers
@@ -166,6 +169,8 @@ class LayerMajorEngine:
         tied = spec.tie_word_embeddings
         n_rows, seq = input_ids.shape
 
+        if position_ids is not None:  # a document's first token is no target of the one before
+            labels = labels.masked_fill(position_ids == 0, -100)
         shifted = shift_labels(labels)
         n_label_tokens = int((shifted != -100).sum())
         if n_label_tokens == 0:
@@ -177,7 +182,7 @@ class LayerMajorEngine:
         ids_mb = [t.to(dev, non_blocking=True) for t in ids_all[mb_lo:mb_hi]]
         lab_mb = [t.to(dev, non_blocking=True) for t in lab_all[mb_lo:mb_hi]]
         inv_tokens = 1.0 / n_label_tokens
-        cos, sin = kernels.rope_cos_sin(torch.arange(seq), spec.head_dim, spec.rope_theta, dtype=self.dtype, device=dev)
+        rope = micro_batch_inputs(self.rotary, position_ids, seq, micro_batch_size, mb_lo, mb_hi, self.dtype, dev)
         ckpts = ActivationStore(dev, self._offload(n_rows * seq), self.device_ledger, self.host_ledger)
         # HF's load-balancing loss couples the MoE layers: E * sum_e f_e * P_e with f and P
         # averaged over all MoE layers and all tokens of the step. The forward gathers the
@@ -211,9 +216,9 @@ class LayerMajorEngine:
                     views = b.layout.views(slot)
                     out = []
                     moe_aux = aux_coef and b.defn.template.kind == "moe"
-                    for x in hidden:
+                    for x, (cos, sin, kw) in zip(hidden, rope):
                         stats = [] if moe_aux else None
-                        y = b.defn.template.forward(views, x, cos, sin, router_stats=stats)
+                        y = b.defn.template.forward(views, x, cos, sin, router_stats=stats, **kw)
                         if stats:
                             route_probs += stats[0][0]
                             route_counts += stats[0][1]
@@ -294,12 +299,12 @@ class LayerMajorEngine:
                 self.device_ledger.hold("layer-acc", tensor_bytes(acc))
                 new_grads = []
                 moe_aux = aux_coef and b.defn.template.kind == "moe"
-                for x, gy in zip(xs, grads_out):
+                for x, gy, (cos, sin, kw) in zip(xs, grads_out, rope):
                     x = x.detach().requires_grad_()
                     saved = SavedActivations([slot.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()])
                     stats = [] if moe_aux else None
                     with torch.enable_grad(), saved.hooks():
-                        y = b.defn.template.forward(views, x, cos, sin, router_stats=stats)
+                        y = b.defn.template.forward(views, x, cos, sin, router_stats=stats, **kw)
                         outs, grads = (y,), (gy,)
                         if stats:
                             outs += (aux_scale * (stats[0][0] * route_counts).sum(),)

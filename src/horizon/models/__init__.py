@@ -14,6 +14,7 @@ from .blocks import (  # noqa: F401
     MoEBlockTemplate,
     shift_labels,
 )
+from .positions import check_position_ids, micro_batch_inputs  # noqa: F401
 from .spec import ARCHITECTURES, ModelSpec  # noqa: F401
 
 
@@ -35,13 +36,22 @@ class LayerDef:
 
 
 def layer_defs(spec: ModelSpec) -> list[LayerDef]:
-    """Embedding, the decoder blocks in order, then the head (final norm [+ LM head])."""
-    dense = DecoderBlockTemplate(spec)
-    moe = MoEBlockTemplate(spec) if spec.is_moe else None
+    """Embedding, the decoder blocks in order, then the head (final norm [+ LM head]). Blocks
+    of one kind (dense / MoE) and one attention window share one template."""
+    templates = {}
     moe_layers = set(spec.moe_layers)
+
+    def block(i):
+        kind = "moe" if i in moe_layers else "dense"
+        window = spec.layer_windows[i]
+        if (kind, window) not in templates:
+            cls = MoEBlockTemplate if kind == "moe" else DecoderBlockTemplate
+            templates[kind, window] = cls(spec, window)
+        return templates[kind, window]
+
     return (
         [LayerDef("embed", EmbeddingTemplate(spec))]
-        + [LayerDef(f"layers.{i}", moe if i in moe_layers else dense, i) for i in range(spec.num_layers)]
+        + [LayerDef(f"layers.{i}", block(i), i) for i in range(spec.num_layers)]
         + [LayerDef("head", HeadTemplate(spec))]
     )
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..kernels.moe import flash_moe
+from .positions import attention_mask
 from .spec import ModelSpec
 
 
@@ -61,9 +62,12 @@ def _attention_shapes(spec: ModelSpec) -> dict:
     return shapes
 
 
-def _attention_residual(spec: ModelSpec, params: dict, x, cos, sin):
+def _attention_residual(spec: ModelSpec, params: dict, x, cos, sin, window=None, doc_ids=None):
     """x + Attn(RMSNorm(x)): grouped-query, causal, through SDPA; RoPE in HF's rotate-half
-    layout; optional per-head q/k RMSNorm before RoPE (Qwen3) and projection biases."""
+    layout (cos/sin [1 or B, T, D], already multiplied by the rope type's attention
+    scaling); optional per-head q/k RMSNorm before RoPE (Qwen3) and projection biases. With a
+    sliding `window` and/or packed documents (`doc_ids` [B, T], see `models.positions`) the
+    attention takes an explicit boolean mask."""
     p = params.get
     b, t, _ = x.shape
     eps = spec.rms_norm_eps
@@ -78,18 +82,26 @@ def _attention_residual(spec: ModelSpec, params: dict, x, cos, sin):
         q = kernels.rms_norm(q, params["self_attn.q_norm.weight"], eps)
         k = kernels.rms_norm(k, params["self_attn.k_norm.weight"], eps)
     q, k = kernels.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=spec.num_kv_heads != spec.num_heads)
+    gqa = spec.num_kv_heads != spec.num_heads
+    mask = attention_mask(t, window, doc_ids, x.device)
+    if mask is None:
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        # CUDA too takes the dense boolean mask for now; a varlen kernel is future work.
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     attn = attn.transpose(1, 2).reshape(b, t, spec.num_heads * spec.head_dim)
     return x + F.linear(attn, params["self_attn.o_proj.weight"], p("self_attn.o_proj.bias"))
 
 
 class DecoderBlockTemplate:
-    """Pre-norm decoder block: h = x + Attn(RMSNorm(x)), then h + SwiGLU-MLP(RMSNorm(h))."""
+    """Pre-norm decoder block: h = x + Attn(RMSNorm(x)), then h + SwiGLU-MLP(RMSNorm(h)).
+    `window`: the sliding window of the layers this template serves (None: full attention)."""
 
     kind = "decoder"
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, window: int | None = None):
         self.spec = spec
+        self.window = window
         h, i = spec.hidden_size, spec.intermediate_size
         shapes = _attention_shapes(spec)
         for proj, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
@@ -107,9 +119,10 @@ class DecoderBlockTemplate:
         return {self.hf_name(index, n): v for n, v in views.items()}
 
     def forward(self, params: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                router_stats=None) -> torch.Tensor:
+                router_stats=None, doc_ids=None) -> torch.Tensor:
+        """`doc_ids` [B, T]: packed documents (see `models.positions`); None: one per row."""
         p = params.get
-        x = _attention_residual(self.spec, params, x, cos, sin)
+        x = _attention_residual(self.spec, params, x, cos, sin, self.window, doc_ids)
         h = kernels.rms_norm(x, params["post_attention_layernorm.weight"], self.spec.rms_norm_eps)
         gate = F.linear(h, params["mlp.gate_proj.weight"], p("mlp.gate_proj.bias"))
         up = F.linear(h, params["mlp.up_proj.weight"], p("mlp.up_proj.bias"))
@@ -123,8 +136,9 @@ class MoEBlockTemplate:
 
     kind = "moe"
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, window: int | None = None):
         self.spec = spec
+        self.window = window
         h, e, i = spec.hidden_size, spec.num_experts, spec.moe_intermediate_size
         self.shapes = _attention_shapes(spec)
         self.shapes.update({"router": (e, h), "w1": (e, i, h), "w3": (e, i, h), "w2": (e, h, i)})
@@ -152,11 +166,12 @@ class MoEBlockTemplate:
         return out
 
     def forward(self, params: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                router_stats=None) -> torch.Tensor:
+                router_stats=None, doc_ids=None) -> torch.Tensor:
         """With `router_stats` (a list), appends (sum over tokens of the router probabilities
-        [E] fp32, differentiable; tokens routed to each expert [E]) for the load-balancing loss."""
+        [E] fp32, differentiable; tokens routed to each expert [E]) for the load-balancing loss.
+        `doc_ids`: as DecoderBlockTemplate.forward."""
         s = self.spec
-        x = _attention_residual(s, params, x, cos, sin)
+        x = _attention_residual(s, params, x, cos, sin, self.window, doc_ids)
         h = kernels.rms_norm(x, params["post_attention_layernorm.weight"], s.rms_norm_eps)
         flat = h.reshape(-1, h.shape[-1])
         # The statistics come from flash_moe's own routing: a second top-k here could break
