@@ -170,12 +170,22 @@ def _jsonl_records(path: Path):
         raise HorizonError(f"data file {str(path)!r} is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
+def _drop_nulls(v):
+    """Arrow gives every record every field of its column's type (the union over all records),
+    null where the record had none: those nulls are not the data's, so they go, at every depth."""
+    if isinstance(v, dict):
+        return {k: _drop_nulls(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [_drop_nulls(x) for x in v]
+    return v
+
+
 def _arrow_rows(path: Path, tables):
     n = 0
     for batch in tables:
         for row in batch.to_pylist():
             n += 1
-            yield f"{path}: record {n}", row
+            yield f"{path}: record {n}", _drop_nulls(row)
 
 
 def _parquet_records(path: Path):
@@ -436,7 +446,7 @@ def record_document(obj, fm: Fields) -> Document:
     if fm.has(obj, "text"):
         text = _str_field(obj, fm, "text", allow_empty=False)
         return Document(segments=[(text, True)])
-    have = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+    have = ", ".join([repr(k) for k, v in obj.items() if v is not None][:8]) or "no fields"
     raise BadRecord(
         f"object has neither 'text' nor 'messages' nor conversations, instruction/output or"
         f" prompt/completion (it has {have}; map other names with --field-map)"
