@@ -451,3 +451,21 @@ def test_shipped_tokenizer_export_gets_a_minimal_tokenizer_config(tmp_path):
     t = AutoTokenizer.from_pretrained(str(export))
     assert t.eos_token == "<|endoftext|>"
     assert json.loads((export / "generation_config.json").read_text()) == {"_from_model_config": True, "eos_token_id": 0}
+
+
+def test_a_lone_tokenizer_file_with_chat_template_option(tmp_path):
+    # --tokenizer FILE not named tokenizer.json: the plain fast tokenizer of that file, with the
+    # --chat-template template (the directory's other files are not its own).
+    from transformers import PreTrainedTokenizerFast
+
+    d = make_model_dir(tmp_path / "m", CHATML_PLAIN)
+    lone = tmp_path / "custom.json"
+    lone.write_bytes((d / "tokenizer.json").read_bytes())
+    tfile = tmp_path / "t.jinja"
+    tfile.write_text(CHATML_GEN)
+    assert not load_tokenizer(lone).has_chat_template
+    tok = load_tokenizer(lone, chat_template_file=tfile)
+    got = documents(token_file(write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[2]}]), tok))
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(lone)).apply_chat_template(
+        CONVERSATIONS[2], chat_template=CHATML_GEN, return_dict=True, return_assistant_tokens_mask=True)
+    assert got == [(list(ref["input_ids"]), list(ref["assistant_masks"]))]

@@ -11,8 +11,6 @@ from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import HorizonError
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
@@ -134,22 +132,39 @@ class TextTokenizer:
         return self.eos_id
 
     # ------------------------------------------------------------------ chat template
+    def _config(self) -> dict:
+        """tokenizer_config.json beside tokenizer.json ({} when there is none)."""
+        cfg = self.directory / "tokenizer_config.json"
+        if self.path.name != "tokenizer.json" or not cfg.is_file():
+            return {}
+        try:
+            d = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            d = None
+        if not isinstance(d, dict):
+            raise HorizonError(f"{cfg} is not a readable JSON object")
+        return d
+
+    def _template_beside(self):
+        """The model's chat template as transformers finds it: chat_template.jinja first, else
+        tokenizer_config.json's (a string, or a list of named templates)."""
+        if self.path.name != "tokenizer.json":
+            return None
+        f = self.directory / "chat_template.jinja"
+        if f.is_file():
+            return f.read_text(encoding="utf-8")
+        t = self._config().get("chat_template")
+        if isinstance(t, list):
+            return {x["name"]: x["template"] for x in t if isinstance(x, dict) and "name" in x and "template" in x}
+        return t or None
+
     @cached_property
     def has_chat_template(self) -> bool:
         if self.template_override is not None:
             return True
-        d = self.directory
-        if self.path.name != "tokenizer.json":
-            return False
-        if (d / "chat_template.jinja").is_file() or (d / _TEMPLATE_DIR).is_dir():
+        if self.path.name == "tokenizer.json" and (self.directory / _TEMPLATE_DIR).is_dir():
             return True
-        cfg = d / "tokenizer_config.json"
-        if cfg.is_file():
-            try:
-                return bool(json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
-            except (OSError, ValueError, AttributeError):
-                raise HorizonError(f"{cfg} is not a readable JSON object") from None
-        return False
+        return bool(self._template_beside())
 
     @cached_property
     def hf(self):
@@ -163,14 +178,21 @@ class TextTokenizer:
 
         logging.getLogger("transformers").setLevel(logging.ERROR)
         try:
+            t = None
             if self.path.name == "tokenizer.json":
                 try:
                     t = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True)
                 except (ValueError, OSError, KeyError):
-                    # No tokenizer_config.json / config.json saying which class: the plain fast one.
-                    t = PreTrainedTokenizerFast(tokenizer_file=str(self.path))
-            else:
-                t = PreTrainedTokenizerFast(tokenizer_file=str(self.path))
+                    t = None
+            if t is None:
+                # A lone tokenizer file, or no tokenizer_config.json / config.json saying which
+                # class: the plain fast tokenizer with the special tokens and template beside it.
+                cfg = self._config()
+                special = {k: v for k, v in cfg.items() if k.endswith("_token") and isinstance(v, (str, dict))}
+                t = PreTrainedTokenizerFast(tokenizer_file=str(self.path), **special)
+                tmpl = self._template_beside()
+                if tmpl is not None:
+                    t.chat_template = tmpl
         except HorizonError:
             raise
         except Exception as e:
@@ -199,13 +221,6 @@ class TextTokenizer:
                 for f in sorted(tdir.glob("*.jinja")):
                     h.update(f"|{f.name}|".encode() + f.read_bytes())
         return h.hexdigest()
-
-    def token_text(self, i: int) -> str:
-        t = self.tok.id_to_token(int(i))
-        return t if t is not None else f"<{int(i)}>"
-
-    def as_array(self, ids) -> np.ndarray:
-        return np.asarray(ids, dtype=np.uint32)
 
 
 _SHIPPED_DIGEST: str | None = None
