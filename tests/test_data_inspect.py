@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from horizon import HorizonError
+
 from horizon.data import DataConfig, TextTokenizer, inspect_data, load_training_data, shipped_tokenizer_path
 
 
@@ -65,3 +67,22 @@ def test_inspect_uses_ansi_on_a_terminal(tmp_path, tok):
     assert "\x1b[1;32m" in out and "[[" not in out
     plain = inspect_data(cfg, tok, seq_len=64, n=2, stream=io.StringIO(), fallback_dir=tmp_path / "c")
     assert "\x1b[" not in plain and "[[" in plain
+
+
+def test_inspect_with_a_model_directorys_chat_template(tmp_path):
+    pytest.importorskip("transformers")
+    from test_chat_data import CHATML_GEN, CONVERSATIONS, make_model_dir
+
+    from horizon.data.inspect import tokenizer_for
+
+    d = make_model_dir(tmp_path / "model", CHATML_GEN)
+    (d / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS[:2]))
+    tok = tokenizer_for(model_dir=d)
+    assert tok.eos_id == 2 and tok.has_chat_template
+    out = inspect_data(DataConfig(data=[str(f)]), tok, seq_len=256, n=1, color=False, fallback_dir=tmp_path / "c")
+    assert "<|im_start|>assistant\n[[Four.<|im_end|>]]\n" in out
+    assert "<|im_start|>assistant\n[[Blue.<|im_end|>]]\n<|im_start|>user\nAnother?<|im_end|>\n" in out
+    with pytest.raises(HorizonError, match="has no tokenizer.json"):
+        tokenizer_for(model_dir=tmp_path)

@@ -103,4 +103,31 @@ def inspect_data(cfg: DataConfig, tokenizer: TextTokenizer, seq_len: int, *, n: 
     return "\n".join(parts) + "\n"
 
 
-__all__ = ["inspect_data", "render_sample", "render_tokens", "format_counts"]
+def tokenizer_for(model_dir=None, tokenizer=None, chat_template=None) -> TextTokenizer:
+    """The tokenizer `horizon data inspect` renders with: `tokenizer` (a tokenizer.json or its
+    directory), else `model_dir`'s (its config.json's eos_token_id taken when present), else the
+    shipped one; `chat_template` (`--chat-template FILE`) replaces the model's template."""
+    import json
+
+    from ..errors import HorizonError
+    from .tokenizer import eos_from_config, load_tokenizer, shipped_tokenizer_path
+
+    eos = None
+    if model_dir is not None:
+        d = Path(model_dir).expanduser()
+        if not d.is_dir():
+            raise HorizonError(f"model directory {str(model_dir)!r} does not exist or is not a directory")
+        try:
+            eos = eos_from_config(json.loads((d / "config.json").read_text()))
+        except (OSError, ValueError, AttributeError):
+            eos = None
+        if tokenizer is None:
+            if not (d / "tokenizer.json").is_file():
+                raise HorizonError(f"model directory {str(model_dir)!r} has no tokenizer.json; pass --tokenizer PATH")
+            tokenizer = d / "tokenizer.json"
+    if tokenizer is None:
+        tokenizer = shipped_tokenizer_path()
+    return load_tokenizer(tokenizer, eos_id=eos, chat_template_file=chat_template)
+
+
+__all__ = ["inspect_data", "render_sample", "render_tokens", "format_counts", "tokenizer_for"]

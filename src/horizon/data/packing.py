@@ -107,14 +107,27 @@ def make_pieces(files: list[TokenFile], seq_len: int, long_documents: str, keep:
         if f.mask is None:
             labels[on] = len_a[on] - 1
         else:
-            cs = np.concatenate([[0], np.cumsum(np.asarray(f.mask, dtype=np.int64))])
-            labels[on] = cs[start_a[on] + len_a[on]] - cs[start_a[on] + 1]
+            labels[on] = _range_sums(f.mask, start_a[on] + 1, start_a[on] + len_a[on])
     useful = labels > 0
     dropped = ~useful
     counts["dropped_untrained"] = int(len(np.unique(doc_a[dropped & ~np.isin(doc_a, doc_a[useful])])))
     p = Pieces(file_a[useful], start_a[useful], len_a[useful], doc_a[useful], labels[useful])
     counts["dropped_untrained_pieces"] = int(dropped.sum())
     return p, counts
+
+
+def _range_sums(mask: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """sum(mask[lo[i]:hi[i]]) for disjoint ranges, without a cumulative sum over the whole
+    (memory-mapped) mask: the sums between consecutive range boundaries, one reduceat."""
+    out = np.zeros(lo.shape[0], dtype=np.int64)
+    nonempty = hi > lo
+    if not nonempty.any():
+        return out
+    bounds = np.unique(np.concatenate([lo[nonempty], hi[nonempty]]))
+    bounds = bounds[bounds < mask.shape[0]]
+    sums = np.add.reduceat(mask, bounds, dtype=np.int64)
+    out[nonempty] = sums[np.searchsorted(bounds, lo[nonempty])]
+    return out
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
