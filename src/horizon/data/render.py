@@ -108,19 +108,18 @@ class DocumentEncoder:
         assistant's tokens."""
         msgs, tools, fld = doc.messages, doc.tools, doc.field
         hf = self.hf
-        try:
-            template = hf.get_chat_template(None, tools)
-            full = self._render(msgs, tools, False)
-        except Exception as e:  # jinja's TemplateError, the template's raise_exception, type errors
-            raise BadRecord(f"field {fld!r}: the chat template failed on it: {_one_line(e)}") from None
-        enc = hf(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.uint32)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         trained_msgs = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and i >= doc.train_from]
 
-        def prefix_end(i: int) -> int:
+        def failed(e: Exception, what: str = "it") -> BadRecord:
+            # jinja's TemplateError, the template's raise_exception, type errors in the template
+            return BadRecord(f"field {fld!r}: the chat template failed on {what}: {_one_line(e)}")
+
+        def prefix_end(full: str, i: int) -> int:
             """Where, in `full`, the assistant message i starts (after its generation prompt)."""
-            p = self._render(msgs[:i], tools, True)
+            try:
+                p = self._render(msgs[:i], tools, True)
+            except Exception as e:
+                raise failed(e, "a prefix of it") from None
             if not full.startswith(p):
                 raise BadRecord(
                     f"field {fld!r}: the chat template renders the turns before message {i} differently"
@@ -129,23 +128,27 @@ class DocumentEncoder:
                 )
             return len(p)
 
+        try:
+            template = hf.get_chat_template(None, tools)
+        except Exception as e:
+            raise failed(e) from None
         if GENERATION_MARKER.search(template):
             try:
                 out = hf.apply_chat_template(msgs, tools=tools, tokenize=True, return_dict=True,
                                              return_assistant_tokens_mask=True)
             except Exception as e:
-                raise BadRecord(f"field {fld!r}: the chat template failed on it: {_one_line(e)}") from None
-            if list(out["input_ids"]) != ids.tolist():  # the same rendering, tokenised the same way
-                raise HorizonError("internal: apply_chat_template tokenised differently from the tokenizer")
+                raise failed(e) from None
+            ids = np.asarray(out["input_ids"], dtype=np.uint32)
             mask = np.asarray(out["assistant_masks"], dtype=np.uint8)
             if doc.train_from > 0 and mask.any():
+                # Only the completion's turns are trained: nothing up to its generation prompt.
                 try:
-                    cut = prefix_end(doc.train_from)
+                    full = self._render(msgs, tools, False)
                 except Exception as e:
-                    if isinstance(e, BadRecord):
-                        raise
-                    raise BadRecord(f"field {fld!r}: the chat template failed on it: {_one_line(e)}") from None
-                mask[offsets[:, 1] <= cut] = 0
+                    raise failed(e) from None
+                cut = prefix_end(full, doc.train_from)
+                ends = np.asarray(out.encodings[0].offsets, dtype=np.int64).reshape(-1, 2)[:, 1]
+                mask[ends <= cut] = 0
             if trained_msgs and not mask.any():
                 raise BadRecord(
                     f"field {fld!r}: the chat template's {{% generation %}} markers cover none of the"
@@ -153,27 +156,32 @@ class DocumentEncoder:
                 )
             return ids, mask
 
-        spans = []
         try:
-            for i in trained_msgs:
-                if i == 0:
-                    raise BadRecord(
-                        f"field {fld!r}: message 0 is the assistant's; without {{% generation %}} markers in the"
-                        " chat template its tokens cannot be separated from what the template puts before it"
-                    )
-                start = prefix_end(i)
-                q = self._render(msgs[: i + 1], tools, False)
-                if not full.startswith(q) or len(q) <= start:
-                    raise BadRecord(
-                        f"field {fld!r}: the chat template renders assistant message {i} differently once"
-                        " later turns follow, so the assistant's tokens cannot be separated"
-                        " (a template with {% generation %} markers can; see --chat-template)"
-                    )
-                spans.append((start, len(q)))
-        except BadRecord:
-            raise
+            full = self._render(msgs, tools, False)
         except Exception as e:
-            raise BadRecord(f"field {fld!r}: the chat template failed on a prefix of it: {_one_line(e)}") from None
+            raise failed(e) from None
+        enc = hf(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.uint32)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        spans = []
+        for i in trained_msgs:
+            if i == 0:
+                raise BadRecord(
+                    f"field {fld!r}: message 0 is the assistant's; without {{% generation %}} markers in the"
+                    " chat template its tokens cannot be separated from what the template puts before it"
+                )
+            start = prefix_end(full, i)
+            try:
+                q = self._render(msgs[: i + 1], tools, False)
+            except Exception as e:
+                raise failed(e, "a prefix of it") from None
+            if not full.startswith(q) or len(q) <= start:
+                raise BadRecord(
+                    f"field {fld!r}: the chat template renders assistant message {i} differently once"
+                    " later turns follow, so the assistant's tokens cannot be separated"
+                    " (a template with {% generation %} markers can; see --chat-template)"
+                )
+            spans.append((start, len(q)))
         mask = np.zeros(ids.shape[0], dtype=np.uint8)
         for s, e in spans:
             # transformers' rule: a token overlapping the span is the assistant's
