@@ -410,7 +410,9 @@ def test_tokenizer_files_travel_byte_identical_to_the_export(tmp_path, with_gene
     run, export = tmp_path / "run", tmp_path / "export"
     run.mkdir()
     (run / "chat_template.jinja").write_text("stale")  # a leftover is replaced
-    copy_tokenizer_files(src, run)
+    copied = copy_tokenizer_files(src / "tokenizer.json", run)  # the run's --tokenizer, or the model dir
+    assert copied == copy_tokenizer_files(src, run)
+    assert ("generation_config.json" in copied) == with_generation_config
     written = export_tokenizer_files(run, export, model_config)
     expected = ["additional_chat_templates/tool_use.jinja", "chat_template.jinja", "special_tokens_map.json",
                 "tokenizer.json", "tokenizer_config.json"]
@@ -469,3 +471,21 @@ def test_a_lone_tokenizer_file_with_chat_template_option(tmp_path):
     ref = PreTrainedTokenizerFast(tokenizer_file=str(lone)).apply_chat_template(
         CONVERSATIONS[2], chat_template=CHATML_GEN, return_dict=True, return_assistant_tokens_mask=True)
     assert got == [(list(ref["input_ids"]), list(ref["assistant_masks"]))]
+
+
+def test_a_chat_template_option_travels_as_chat_template_jinja(tmp_path):
+    from transformers import AutoTokenizer
+
+    from horizon.io.tokenizer_files import copy_tokenizer_files, export_tokenizer_files
+
+    src = make_model_dir(tmp_path / "src", CHATML_PLAIN)
+    run, export = tmp_path / "run", tmp_path / "export"
+    written = copy_tokenizer_files(src, run, chat_template=LLAMA3)
+    assert written == ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    assert (run / "tokenizer_config.json").read_bytes() == (src / "tokenizer_config.json").read_bytes()
+    export_tokenizer_files(run, export, {"eos_token_id": 2})
+    rendered = AutoTokenizer.from_pretrained(str(export)).apply_chat_template(CONVERSATIONS[0], tokenize=False)
+    want = hf_tokenizer(src).apply_chat_template(CONVERSATIONS[0], chat_template=LLAMA3, tokenize=False)
+    assert rendered == want
+    # resuming from the run directory renders with the option's template too
+    assert load_tokenizer(run).hf.apply_chat_template(CONVERSATIONS[0], tokenize=False) == want

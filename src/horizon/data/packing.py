@@ -199,9 +199,6 @@ class Batch:
     def __iter__(self):
         return iter((self.input_ids, self.labels, self.position_ids))
 
-    def __len__(self) -> int:
-        return 3
-
 
 class DocumentDataset:
     """Whole documents packed (or padded) into sequences of `seq_len`; see the module docstring.

@@ -80,7 +80,8 @@ def tokenizer_files(source) -> dict[str, Path]:
 
 
 def copy_tokenizer_files(source, dest_dir, *, generation_config: bool = True, chat_template: str | None = None) -> list[str]:
-    """Copies the tokenizer files of `source` byte-identical into `dest_dir` (and the source's
+    """Copies the tokenizer files of `source` (a model directory or its tokenizer.json; a tokenizer
+    file of another name alone) byte-identical into `dest_dir` (and the directory's
     generation_config.json with `generation_config`); with `chat_template` (the text of a
     `--chat-template` file) that template is written as chat_template.jinja, which transformers
     prefers to the one in tokenizer_config.json. Returns the names written, sorted. Files the
@@ -89,9 +90,11 @@ def copy_tokenizer_files(source, dest_dir, *, generation_config: bool = True, ch
     files = tokenizer_files(source)
     if "tokenizer.json" not in files:
         raise HorizonError(f"{str(source)!r} has no tokenizer.json")
-    src_dir = Path(source).expanduser()
-    src_dir = src_dir if src_dir.is_dir() else src_dir.parent
-    if generation_config and (src_dir / GENERATION_CONFIG).is_file() and Path(source).expanduser().is_dir():
+    src = Path(source).expanduser()
+    src_dir = src if src.is_dir() else src.parent
+    # A model directory, or its tokenizer.json: the directory's generation config comes along.
+    own_dir = src.is_dir() or src.name == "tokenizer.json"
+    if generation_config and own_dir and (src_dir / GENERATION_CONFIG).is_file():
         files[GENERATION_CONFIG] = src_dir / GENERATION_CONFIG
     dest = Path(dest_dir).expanduser()
     dest.mkdir(parents=True, exist_ok=True)
