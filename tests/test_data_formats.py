@@ -137,6 +137,16 @@ def test_arrow_nulls_from_other_records_do_not_reach_the_template(tmp_path, mode
         assert _tokens(twins[kind], tok)[1] == ref, kind
 
 
+def test_a_byte_order_mark_is_not_data(tmp_path, model):
+    _, tok, _ = model
+    twins = _twins(tmp_path, RECORDS[5:7])
+    _, ref = _tokens(twins["jsonl"], tok)
+    for name in ("jsonl", "json"):
+        f = tmp_path / f"bom.{name}"
+        f.write_bytes(b"\xef\xbb\xbf" + twins[name].read_bytes())
+        assert _tokens(f, tok)[1] == ref, name
+
+
 def test_field_map_reads_other_names(tmp_path, model):
     _, tok, _ = model
     renamed = [

@@ -68,23 +68,25 @@ def make_pieces(files: list[TokenFile], seq_len: int, long_documents: str, keep:
     counts = {"documents": int(sel.sum()), "truncated": 0, "split": 0, "split_pieces": 0, "dropped_long": 0,
               "dropped_untrained": 0}
     S = seq_len
-    pf, ps, pl, pd = [], [], [], []
-    short = sel & (lens <= S) & (lens > 0)
-    idx = np.nonzero(short)[0]
-    pf.append(f_idx[idx]), ps.append(starts[idx]), pl.append(lens[idx]), pd.append(idx)
+    pf, ps, pl, pd = [], [], [], []  # per group of pieces: file, start, length, document
+
+    def add(doc, start, length):
+        pf.append(f_idx[doc])
+        ps.append(start)
+        pl.append(length)
+        pd.append(doc)
+
+    idx = np.nonzero(sel & (lens <= S) & (lens > 0))[0]
+    add(idx, starts[idx], lens[idx])
     long_idx = np.nonzero(sel & (lens > S))[0]
     if long_documents == "truncate":
-        pf.append(f_idx[long_idx]), ps.append(starts[long_idx]), pl.append(np.full(long_idx.shape[0], S)),
-        pd.append(long_idx)
+        add(long_idx, starts[long_idx], np.full(long_idx.shape[0], S))
         counts["truncated"] = int(long_idx.shape[0])
     elif long_documents == "split":
-        L = lens[long_idx]
-        n = 1 + -(-(L - S) // (S - 1))  # pieces with a stride of S - 1 until the end is reached
+        n = 1 + -(-(lens[long_idx] - S) // (S - 1))  # pieces at a stride of S - 1 until the end
         doc = np.repeat(long_idx, n)
-        k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-        off = k * (S - 1)
-        pf.append(f_idx[doc]), ps.append(starts[doc] + off), pl.append(np.minimum(S, lens[doc] - off))
-        pd.append(doc)
+        off = (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)) * (S - 1)
+        add(doc, starts[doc] + off, np.minimum(S, lens[doc] - off))
         counts["split"] = int(long_idx.shape[0])
         counts["split_pieces"] = int(n.sum())
     elif long_documents == "drop":

@@ -143,8 +143,8 @@ def _pyarrow(path: Path, what: str):
 
 def _jsonl_records(path: Path):
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            head = f.read(4096).lstrip("\ufeff \t\r\n")
+        with open(path, "r", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not data
+            head = f.read(4096).lstrip(" \t\r\n")
             f.seek(0)
             if head.startswith("["):
                 try:
