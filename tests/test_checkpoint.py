@@ -170,7 +170,7 @@ def test_signal_writes_a_checkpoint_and_resume_continues(tmp_path, signum, code)
 
 def test_export_loads_in_transformers_and_matches_the_next_step_loss(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from horizon.data import TextTokenizer, load_dataset, shipped_corpus_path
+    from horizon.data import DataConfig, load_tokenizer, load_training_data
 
     run, hf_dir = tmp_path / "run", tmp_path / "hf"
     assert cli_main(["train", *TINY, "--steps", "4", "--out", str(run)]) == 0
@@ -181,19 +181,19 @@ def test_export_loads_in_transformers_and_matches_the_next_step_loss(tmp_path, c
     assert tok.eos_token == "<|endoftext|>"
     # The loss HF computes on step 5's batch with the step-4 weights is what the trainer
     # reported for step 5 (its loss is taken before that step's update).
-    ds = load_dataset([str(shipped_corpus_path())], TextTokenizer(run / "tokenizer.json", eos_id=0), 32, 0,
-                      fallback_dir=tmp_path / "cache")
-    ids, _ = ds.batch(4 * 2, 2)
+    data = load_training_data(DataConfig(), load_tokenizer(run / "tokenizer.json", eos_id=0), 32, 0,
+                              fallback_dir=tmp_path / "cache")
+    ids, labels, pos = data.train.batch(4 * 2, 2)
     with torch.no_grad():
-        hf_loss = model(input_ids=ids, labels=ids).loss.item()
+        hf_loss = model(input_ids=ids, labels=labels, position_ids=pos).loss.item()
     _, losses = _losses(run)
     assert hf_loss == pytest.approx(losses[4], rel=1e-5, abs=1e-5)
 
     # The exported directory is also a `--model-dir` to train from: its first loss is HF's loss
     # on the first batch.
-    ids0, _ = ds.batch(0, 2)
+    ids0, labels0, pos0 = data.train.batch(0, 2)
     with torch.no_grad():
-        hf_first = model(input_ids=ids0, labels=ids0).loss.item()
+        hf_first = model(input_ids=ids0, labels=labels0, position_ids=pos0).loss.item()
     again = tmp_path / "again"
     assert cli_main(["train", "--model-dir", str(hf_dir), "--device", "cpu", "--batch-size", "2", "--seq-len", "32",
                      "--steps", "1", "--out", str(again)]) == 0

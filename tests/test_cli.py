@@ -127,7 +127,7 @@ def test_options_merge_defaults_toml_flags(tmp_path):
     assert c.run.steps == 7                           # flag beats file
     assert c.optim.lr == 1.0 and isinstance(c.optim.lr, float)  # file beats default
     assert c.data.seq_len == 64 and c.data.batch_size == 4 and c.optim.grad_clip == 1.0
-    assert c.data.paths == [str(tmp_path / "corpus.txt")]  # relative to the config file
+    assert c.data.data == [str(tmp_path / "corpus.txt")]  # relative to the config file
     assert c.engine.micro_batch_size is None and c.run.seed == TrainConfig().run.seed  # defaults stay
     with pytest.raises(HorizonError, match="--micro-batch-size 9 exceeds --batch-size 4"):
         train_config_from_args(build_parser().parse_args(["train", "--config", str(cfg), "--micro-batch-size", "9"]))

@@ -1,5 +1,5 @@
 """The `horizon` command line: every parser and the one error mapping of all commands (doctor,
-train, plan, export). The options of `train` and `plan` are generated from the fields of the
+train, plan, data inspect, export). The options of `train` and `plan` are generated from the fields of the
 run's config (`horizon.run.config.TrainConfig`): their names, help, defaults and rules are
 written there once. Every error a user can cause ends as one line on stderr, never a traceback:
 a flag whose value breaks its rule exits 2 (with the usage hint), any other bad input exits 1."""
@@ -55,13 +55,13 @@ def _value_type(name: str, kind: str, optional: bool, meta: dict):
     return convert
 
 
-def add_config_options(parser, config_cls) -> None:
-    """One flag per option of `config_cls` (a composite config), generated from its fields.
-    Flags default to "not given" (absent from the namespace), so only what the user typed
-    overrides the --config file and the saved run."""
+def add_config_options(parser, config_cls, only=None) -> None:
+    """One flag per option of `config_cls` (a composite config), generated from its fields
+    (`only(section, name)`: a filter). Flags default to "not given" (absent from the namespace),
+    so only what the user typed overrides the --config file and the saved run."""
     groups = {}
     for name, (section, f, owner) in config_cls.options().items():
-        if not f.metadata.get("cli", True):
+        if not f.metadata.get("cli", True) or (only is not None and not only(section, name)):
             continue
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} options")
@@ -79,6 +79,8 @@ def add_config_options(parser, config_cls) -> None:
             if kind == "list":
                 kw["nargs"] = f.metadata.get("nargs") or "+"
                 kw["type"] = _value_type(name, "str", optional, {})
+            elif kind == "dict":  # its text form; the owning config parses and checks it
+                kw["type"] = str
             else:
                 kw["type"] = _value_type(name, kind, optional, f.metadata)
         groups[section].add_argument(flag(option_name(f)), **kw)
@@ -106,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--config", metavar="FILE", help="TOML file with any of the options below (as key = value)")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_options(pl, TrainConfig)
+
+    dt = sub.add_parser("data", help="look at training data as a run will see it")
+    dsub = dt.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    di = dsub.add_parser("inspect", help="print the first samples with the trained spans marked, and the counts",
+                         description="The first samples of --data as the model will see them (trained text "
+                                     "marked), and the counts: documents, tokens, trained tokens, truncated, "
+                                     "dropped, bad records. Run it before a long job.")
+    di.add_argument("--n", type=_value_type("n", "int", False, {"ge": 0}), default=3, metavar="N",
+                    help="samples to print (default: 3)")
+    add_config_options(di, TrainConfig, only=lambda section, name: section in ("model", "data") or name == "seed")
 
     e = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face model directory")
     e.add_argument("run_dir", metavar="RUN_DIR")
@@ -145,6 +157,16 @@ def _plan(args) -> int:
     return 0
 
 
+def _inspect(args) -> int:
+    from .data import inspect_data
+    from .data.inspect import tokenizer_for
+
+    c = train_config_from_args(args)
+    tok = tokenizer_for(model_dir=c.model.model_dir, tokenizer=c.model.tokenizer, chat_template=c.data.chat_template)
+    sys.stdout.write(inspect_data(c.data, tok, c.data.seq_len, n=args.n, seed=c.run.seed))
+    return 0
+
+
 def _dispatch(args) -> int:
     if args.command == "doctor":
         from .doctor import main as doctor_main
@@ -156,6 +178,8 @@ def _dispatch(args) -> int:
         return train(train_config_from_args(args))
     if args.command == "plan":
         return _plan(args)
+    if args.command == "data":
+        return _inspect(args)
     if args.command == "export":
         from .run import export
 
@@ -173,7 +197,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)  # unknown command or flag: usage on stderr, exit 2
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("horizon: error: a command is required (doctor, train, plan, export)", file=sys.stderr)
+        print("horizon: error: a command is required (doctor, train, plan, data, export)", file=sys.stderr)
         return 2
     try:
         return _dispatch(args)

@@ -47,7 +47,7 @@ def option(default=MISSING, help: str = "", *, factory=None, metavar: str | None
 
 # ----------------------------------------------------------------------------- field kinds
 def kind_of(f: dataclasses.Field, owner) -> tuple[str, bool]:
-    """(base kind, optional) of a field: kind in int, float, str, bool, list."""
+    """(base kind, optional) of a field: kind in int, float, str, bool, list, dict."""
     hints = typing.get_type_hints(owner)
     t = hints[f.name]
     optional = False
@@ -59,6 +59,8 @@ def kind_of(f: dataclasses.Field, owner) -> tuple[str, bool]:
         origin = typing.get_origin(t)
     if origin is list or t is list:
         return "list", optional
+    if origin is dict or t is dict:
+        return "dict", optional
     return {int: "int", float: "float", str: "str", bool: "bool"}.get(t, "str"), optional
 
 
@@ -92,6 +94,10 @@ def check_value(name: str, value, kind: str, optional: bool, m: dict):
             raise ConfigError(f"{fl} must be a string, got {value!r}", name)
         if m.get("choices") and value not in m["choices"]:
             raise ConfigError(f"{fl} must be one of {', '.join(m['choices'])}, got {value!r}", name)
+        return value
+    if kind == "dict":  # parsed from its text form by the owning config before the check
+        if not isinstance(value, dict):
+            raise ConfigError(f"{fl} must be a mapping, got {value!r}", name)
         return value
     if kind == "list":
         if isinstance(value, str):

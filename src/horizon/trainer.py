@@ -206,6 +206,22 @@ class Trainer:
 
         return result.loss
 
+    def evaluate(self, batches) -> float:
+        """The mean loss over every label token of `batches`, an iterable of `input_ids`,
+        `(input_ids, labels)`, `(input_ids, labels, position_ids)` or `horizon.data.Batch`; forward only (each
+        layer's weights stream in once per batch), nothing changes. NaN when there are no
+        label tokens."""
+        if isinstance(batches, torch.Tensor):
+            batches = [batches]
+        total, count = 0.0, 0
+        for batch in batches:
+            parts = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)  # also data.Batch
+            ids, labels, pos = (parts + (None, None))[:3]
+            ids, lab, pos = self._check_batch(ids, labels, pos)
+            s, n = self.engine.evaluate(ids, lab, self.micro_batch_size or ids.shape[0], position_ids=pos)
+            total, count = total + s, count + n
+        return total / count if count else float("nan")
+
     def set_lr(self, lr) -> None:
         """The learning rate of the next steps (a schedule may reach 0)."""
         self.adamw = _hyper(self.adamw.with_lr, lr)

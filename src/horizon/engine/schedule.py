@@ -369,6 +369,49 @@ class LayerMajorEngine:
     # overrides them (which micro-batches are this rank's, the sums across ranks, the
     # reduction of each layer's gradient before it lands, the weight refresh after AdamW).
 
+    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor, micro_batch_size: int, *,
+                 position_ids=None) -> tuple[float, int]:
+        """Forward only, for evaluation: (sum of the per-token losses, label tokens) of a batch.
+        Each layer's weights stream in once (after any queued update of that layer), the blocks
+        run with autograd off and keep no checkpoints; nothing is updated. Every rank of a
+        data-parallel run computes the whole batch (the same result everywhere)."""
+        dev = self.device
+        layers = self.model.layers
+        embed, blocks, head = layers[0], layers[1:-1], layers[-1]
+        tied = self.spec.tie_word_embeddings
+        seq = input_ids.shape[1]
+        if position_ids is not None:  # as in `step`: no target across a document boundary
+            labels = labels.masked_fill(position_ids == 0, -100)
+        shifted = shift_labels(labels)
+        n_label_tokens = int((shifted != -100).sum())
+        ids_mb = [t.to(dev) for t in input_ids.split(micro_batch_size)]
+        lab_mb = [t.to(dev) for t in shifted.split(micro_batch_size)]
+        rope = micro_batch_inputs(self.rotary, position_ids, seq, micro_batch_size, 0, len(ids_mb), self.dtype, dev)
+        items = [(("fwd", layer.key), layer) for layer in layers]
+        if tied:
+            items.append((("head-weight", embed.key), embed))
+        streamer = _Streamer(self, items)
+        try:
+            with torch.no_grad():
+                slot = streamer.acquire(("fwd", embed.key))
+                hidden = [embed.defn.template.forward(embed.layout.views(slot), ids) for ids in ids_mb]
+                streamer.release(("fwd", embed.key))
+                for b in blocks:
+                    slot = streamer.acquire(("fwd", b.key))
+                    views = b.layout.views(slot)
+                    hidden = [b.defn.template.forward(views, x, cos, sin, **kw) for x, (cos, sin, kw) in zip(hidden, rope)]
+                    streamer.release(("fwd", b.key))
+                slot = streamer.acquire(("fwd", head.key))
+                head_weight = None
+                if tied:
+                    head_weight = embed.layout.views(streamer.acquire(("head-weight", embed.key)))["weight"]
+                total = sum(float(head.defn.template.loss_sum(head.layout.views(slot), h, lab, head_weight,
+                                                               chunk_size=self.loss_chunk_size))
+                            for h, lab in zip(hidden, lab_mb))
+        finally:
+            streamer.abandon()
+        return total, n_label_tokens
+
     def _micro_batch_share(self, n_micro_batches: int) -> tuple:
         return 0, n_micro_batches
 

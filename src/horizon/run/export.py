@@ -1,17 +1,15 @@
 """`horizon export`: a run's checkpoint as a Hugging Face model directory (config.json,
-safetensors, the run's tokenizer)."""
+safetensors, the run's tokenizer files byte-identical, generation_config.json)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from ..data import TextTokenizer
 from ..errors import HorizonError
 from ..io import checkpoint as ckpt
 from ..io import model_dir
+from ..io.tokenizer_files import export_tokenizer_files
 from ..trainer import Trainer
-from .session import write_json_atomic
 
 
 def export(run_dir, out_dir, step: int | None = None) -> Path:
@@ -35,20 +33,7 @@ def export(run_dir, out_dir, step: int | None = None) -> Path:
     out_dir = Path(out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_pretrained(str(out_dir))
-    tok = run_dir / "tokenizer.json"
-    if tok.is_file():
-        shutil.copyfile(tok, out_dir / "tokenizer.json")
-        _write_tokenizer_config(out_dir, src.config)
+    if (run_dir / "tokenizer.json").is_file():
+        # byte-identical tokenizer files (chat template included) and generation_config.json
+        export_tokenizer_files(run_dir, out_dir, src.config)
     return out_dir
-
-
-def _write_tokenizer_config(out_dir: Path, config: dict) -> None:
-    try:
-        t = TextTokenizer(out_dir / "tokenizer.json", eos_id=None)
-        eos = t.tok.id_to_token(t.eos_id)
-    except HorizonError:
-        eos = None
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.get("max_position_embeddings")}
-    if eos is not None:
-        cfg.update(eos_token=eos, bos_token=eos, pad_token=eos)
-    write_json_atomic(out_dir / "tokenizer_config.json", cfg)

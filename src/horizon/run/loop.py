@@ -64,27 +64,28 @@ def _loop(s: Session, out, err) -> int:
     if s.start >= steps:
         out.write(f"{s.run_dir}: already at step {s.start} >= --steps {steps}; nothing to do\n")
         return 0
+    train_data = s.data.train
     out.write(f"training {s.src.name} ({trainer.num_parameters / 1e6:.2f} M parameters) on {s.machine.device}"
-              f" | {s.dataset.n_tokens} tokens, {s.dataset.n_windows} sequences of {c.data.seq_len}"
+              f" | {train_data.n_tokens} tokens, {train_data.n_sequences} sequences of {c.data.seq_len}"
               f" | batch {c.data.batch_size} | steps {s.start}->{steps} | out {s.run_dir}\n")
     out.flush()
     log = MetricsLog(s.run_dir / "metrics.jsonl", s.start, s.writer, trainer)
     progress = Progress(steps, s.start, out, c.run.log_every)
-    tokens_per_step = c.data.batch_size * c.data.seq_len
     step, bad_in_a_row = s.start, 0
     with StopFlag() as stop, log:
         try:
             while step < steps:
                 lr = s.schedule.lr_at(step)
                 trainer.set_lr(lr)
-                ids, labels = s.dataset.batch(s.position, c.data.batch_size)
+                batch = train_data.batch(s.position, c.data.batch_size)
                 t0 = time.perf_counter()
-                loss = float(trainer.train_step(ids, labels))
+                loss = float(trainer.train_step(batch.input_ids, batch.labels, position_ids=batch.position_ids))
                 dt = time.perf_counter() - t0
                 s.position += c.data.batch_size
                 step += 1
-                row = log.record(step, loss, lr, dt, tokens_per_step, trainer)
-                progress.update(step, loss, row["tokens_per_s"] or 0.0)
+                eval_loss = _evaluate(s, step)
+                row = log.record(step, loss, lr, dt, batch.tokens, trainer, eval_loss=eval_loss)
+                progress.update(step, loss, row["tokens_per_s"] or 0.0, eval_loss=eval_loss)
                 bad_in_a_row = bad_in_a_row + 1 if row["skipped"] else 0
                 if bad_in_a_row >= c.run.max_bad_steps:
                     progress.close()
@@ -113,6 +114,15 @@ def _loop(s: Session, out, err) -> int:
     out.write(f"done: {step} steps, loss {fl} -> {ll}; metrics {log.path}, plot {s.run_dir / 'loss.png'}, "
               f"checkpoint {path}\n")
     return 0
+
+
+def _evaluate(s: Session, step: int):
+    """The eval loss after `step` when it is due (every --eval-every steps and at the last step
+    of the run), else None. Real tokens only: padding carries no label."""
+    c = s.cfg
+    if s.data.eval is None or not (step == c.run.steps or (c.data.eval_every and step % c.data.eval_every == 0)):
+        return None
+    return s.trainer.evaluate(s.data.eval_batches(c.data.batch_size))
 
 
 def _save(s: Session, step: int, log: MetricsLog):

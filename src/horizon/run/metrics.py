@@ -42,10 +42,17 @@ def write_plot(run_dir: Path, rows: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     xs, ys = zip(*pts)
-    ax.plot(xs, ys, lw=1.2)
+    ax.plot(xs, ys, lw=1.2, label="train")
+    title = f"{run_dir.name}: loss {ys[0]:.3f} -> {ys[-1]:.3f}"
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if evals:
+        ex, ey = zip(*evals)
+        ax.plot(ex, ey, "o-", lw=1.2, ms=3, label="eval")
+        ax.legend()
+        title += f", eval {ey[-1]:.3f}"
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"{run_dir.name}: loss {ys[0]:.3f} -> {ys[-1]:.3f}")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = run_dir / ".loss.png.tmp"
@@ -72,7 +79,8 @@ class MetricsLog:
         self.first_loss = next((r["loss"] for r in self.history if r.get("loss") is not None), None)
         self.last_loss = None
 
-    def record(self, step: int, loss: float, lr: float, dt: float, tokens: int, trainer) -> dict:
+    def record(self, step: int, loss: float, lr: float, dt: float, tokens: int, trainer, eval_loss=None) -> dict:
+        """The row of `step`; `tokens`: the real (not padding) tokens of its batch."""
         st = dict(trainer.stats)
         prev = self.prev
         self.tokens += tokens
@@ -91,6 +99,8 @@ class MetricsLog:
             "skipped": skipped,
             "skipped_steps": st.get("skipped_steps"),
         }
+        if eval_loss is not None:
+            row["eval_loss"] = finite_or_none(eval_loss)
         self.prev = st
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()

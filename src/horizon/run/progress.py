@@ -29,12 +29,16 @@ class Progress:
         self.t0 = time.perf_counter()
         self.drawn = False
         self.width = 0
+        self.eval_s = ""  # the latest eval loss, shown from then on
 
-    def update(self, step: int, loss: float, tok_s: float) -> None:
+    def update(self, step: int, loss: float, tok_s: float, eval_loss: float | None = None) -> None:
         done = step - self.start
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
         loss_s = f"{loss:.4f}" if math.isfinite(loss) else "nan"
+        if eval_loss is not None:
+            self.eval_s = f" eval {eval_loss:.4f}" if math.isfinite(eval_loss) else " eval nan"
+        loss_s += self.eval_s
         if self.tty:
             width = 24
             fill = int(width * step / self.total)

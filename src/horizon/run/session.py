@@ -3,8 +3,8 @@ anything is allocated or written: the run directory and the checkpoint to resume
 plan (does it fit?), the tokenizer and the data, the trainer and its restored state.
 
 A run directory (`--out`) holds `metrics.jsonl`, `loss.png`, `train_config.json` (the options of
-the run, the base of a `--resume`), `model_config.json`, `tokenizer.json` (a copy, so the run is
-self-contained), `data-cache/` (token caches when the data's own directory is not writable) and
+the run, the base of a `--resume`), `model_config.json`, the model's tokenizer files (byte-identical
+copies, so the run is self-contained), `data-cache/` (token caches when the data's own directory is not writable) and
 `checkpoints/`.
 """
 
@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import distributed as dp
 from .. import plan as planmod
-from ..data import TextTokenizer, eos_from_config, load_dataset, shipped_corpus_path, shipped_tokenizer_path
+from ..data import TrainingData, eos_from_config, load_tokenizer, load_training_data, shipped_tokenizer_path
 from ..errors import HorizonError
 from ..io import model_dir
 from ..io.model_dir import ModelSource
+from ..io.tokenizer_files import copy_tokenizer_files
 from ..trainer import Trainer
 from . import resume
 from .config import TrainConfig
@@ -35,7 +35,7 @@ class Session:
     run_dir: Path
     src: ModelSource
     schedule: LRSchedule
-    dataset: object
+    data: TrainingData  # .train (batches), .eval (or None)
     trainer: Trainer
     machine: object
     start: int          # the step the run starts from (0, or the resumed checkpoint's)
@@ -96,28 +96,36 @@ def open_session(c: TrainConfig, *, log, err, rank: int, world: int) -> Session:
 
     if src.tokenizer is None:
         raise HorizonError(f"{src.name} has no tokenizer.json; pass --tokenizer PATH")
-    tok = TextTokenizer(src.tokenizer, eos_id=eos_from_config(src.config))
+    # The model's own chat template renders chat data (a resumed run reads the run's copy of the
+    # tokenizer files, which hold a --chat-template given at the start as chat_template.jinja).
+    tok = load_tokenizer(src.tokenizer, eos_id=eos_from_config(src.config),
+                         chat_template_file=c.data.chat_template if cp is None else None)
     if tok.vocab_size > src.spec.vocab_size:
         raise HorizonError(f"tokenizer {src.tokenizer} has {tok.vocab_size} tokens, more than the model's "
                            f"vocab_size {src.spec.vocab_size}")
 
-    paths = c.data.paths or [str(shipped_corpus_path())]
+    def read_data(log=None):
+        return load_training_data(c.data, tok, c.data.seq_len, c.run.seed, fallback_dir=run_dir / "data-cache",
+                                  log=log)
+
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         # rank 0 tokenises (once, into the cache); the other ranks then map the cache
-        ds = load_dataset(paths, tok, c.data.seq_len, c.run.seed, fallback_dir=run_dir / "data-cache", log=log)
+        data = read_data(log)
+        for line in data.report_lines():
+            log(line)
         if cp is None:
-            if src.tokenizer.resolve() != (run_dir / "tokenizer.json").resolve():
-                shutil.copyfile(src.tokenizer, run_dir / "tokenizer.json")
+            # byte-identical, so an export carries the model's tokenizer and chat template on
+            copy_tokenizer_files(src.tokenizer, run_dir, chat_template=tok.template_override)
             write_json_atomic(run_dir / "model_config.json", src.config)
         write_json_atomic(run_dir / "train_config.json", dict(c.to_flat(), resume=False, out=str(run_dir)))
     dp.barrier()
     if not writer:
-        ds = load_dataset(paths, tok, c.data.seq_len, c.run.seed, fallback_dir=run_dir / "data-cache")
+        data = read_data()
 
     resume.seed_everything(c.run.seed)
     trainer = make_trainer(src, c)
     start = position = 0
     if cp is not None:
         start, position = resume.restore(trainer, cp)
-    return Session(c, run_dir, src, c.lr_schedule(), ds, trainer, machine, start, position, writer, world)
+    return Session(c, run_dir, src, c.lr_schedule(), data, trainer, machine, start, position, writer, world)
