@@ -5,6 +5,7 @@ Only the equivalence tests need transformers (the GPU image may lack it); the ot
 their configs as plain dicts."""
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -180,6 +181,38 @@ def test_weights_stream_twice_and_gradients_leave_once_per_step(micro_batch_size
     assert after["weight_bytes_h2d"] - before["weight_bytes_h2d"] == 2 * per_step
     assert after["grad_bytes_d2h"] - before["grad_bytes_d2h"] == 2 * sum(sizes.values())
     assert trainer.engine.layer_landings == {k: 1 for k in sizes}
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_no_device_gradient_is_held_after_its_copy(monkeypatch, grad_clip):
+    """Device memory must not grow by a gradient per layer: once a layer's landing copy has
+    completed, nothing references that layer's device gradient any more, checked at every
+    later landing of the step and after it, while the AdamW jobs may still be queued."""
+    trainer = horizon.Trainer.from_config(_tiny(layers=4), device="cpu", micro_batch_size=2, grad_clip=grad_clip)
+    landing = trainer.engine.landing
+    landed = []  # (layer key, weak reference to its device gradient, its copy's marker)
+
+    def spying(original):
+        def spy(key, flat_grad, slab, *args, **kwargs):
+            copied = [(k, ref) for k, ref, marker in landed if marker.done]
+            original(key, flat_grad, slab, *args, **kwargs)
+            landed.append((key, weakref.ref(flat_grad), landing.last_copy))
+            for k, ref in copied:
+                assert ref() is None, f"{k}: device gradient still referenced after its copy completed"
+        return spy
+
+    monkeypatch.setattr(landing, "land_and_update", spying(landing.land_and_update))
+    monkeypatch.setattr(landing, "land_to_buffer", spying(landing.land_to_buffer))
+    ids = torch.randint(0, VOCAB, (4, SEQ))
+    for step in range(2):
+        landed.clear()
+        trainer.train_step(ids)
+        assert len(landed) == len(trainer.model.layers)
+        landing.last_copy.wait()  # the copies only: the updates may still be running
+        landing.release_copied()
+        assert landing.held_gradients() == []
+        assert [k for k, ref, _ in landed if ref() is not None] == [], step
+    trainer.synchronize()
 
 
 def test_tied_head_streams_the_embedding_again(tmp_path):

@@ -1,4 +1,4 @@
-//! `Lane`: one worker thread running jobs in order (copies, AdamW hand-offs, accumulations).
+//! `Lane`: one worker thread running jobs in order (host copies, AdamW, markers).
 
 use crate::adam::{self, AdamParams};
 use crate::pipeline::SlotRing;

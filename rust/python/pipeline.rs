@@ -67,7 +67,7 @@ impl PyTicket {
 }
 
 /// Worker lanes: `h2d` (weight copies on the CPU device), `d2h` (gradient landing copies)
-/// and `optimizer` (AdamW and accumulation into host gradient buffers).
+/// and `optimizer` (AdamW, from a landing slot or a slab's gradient buffer).
 #[pyclass(name = "Pipeline", module = "horizon._native", frozen)]
 pub struct PyPipeline {
     h2d: Lane,

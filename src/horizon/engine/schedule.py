@@ -37,7 +37,6 @@ class StepResult:
     loss: float
     grad_norm: float | None
     skipped: bool
-    skipped_layer_updates: int
     tokens: int
 
 
@@ -272,11 +271,10 @@ class LayerMajorEngine:
                 streamer.abandon()
                 ckpts.clear()
                 self._drop_step_holdings()
-                return StepResult(loss, None, True, 0, n_rows * seq)
+                return StepResult(loss, None, True, n_rows * seq)
 
             norms = []
-            skipped_layers = self._land(head, head_acc, norms, step=step, lr=lr, betas=betas, eps=eps,
-                                        weight_decay=weight_decay)
+            self._land(head, head_acc, norms, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
             del head_acc
             self.device_ledger.hold("head-acc", tensor_bytes(tied_acc))
 
@@ -315,8 +313,7 @@ class LayerMajorEngine:
                 del xs
                 grads_out = new_grads
                 self._hold_list("grads-out", grads_out)
-                skipped_layers += self._land(b, acc, norms, step=step, lr=lr, betas=betas, eps=eps,
-                                             weight_decay=weight_decay)
+                self._land(b, acc, norms, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
                 self.device_ledger.drop("layer-acc")
                 del acc
 
@@ -329,8 +326,7 @@ class LayerMajorEngine:
                 embed.defn.template.weight_grad_(ew, ids, gy)
             del grads_out
             self.device_ledger.drop("grads-out")
-            skipped_layers += self._land(embed, eacc, norms, step=step, lr=lr, betas=betas, eps=eps,
-                                         weight_decay=weight_decay)
+            self._land(embed, eacc, norms, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
             self._flush_landings()
             del eacc, tied_acc
             self.device_ledger.drop("layer-acc")
@@ -345,14 +341,14 @@ class LayerMajorEngine:
                     # Known before any update: the step is skipped as a whole.
                     for layer in layers:
                         self.landing.wait(layer.key)
-                    return StepResult(loss, grad_norm, True, 0, n_rows * seq)
+                    return StepResult(loss, grad_norm, True, n_rows * seq)
                 scale = min(1.0, self.grad_clip / (grad_norm + 1e-6))
                 for layer in layers:  # embedding first: the next forward needs it first
                     self.landing.update_from_buffer(
                         layer.key, layer.slab, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         grad_scale=scale, write_bf16=self.write_bf16,
                     )
-            return StepResult(loss, grad_norm, False, skipped_layers, n_rows * seq)
+            return StepResult(loss, grad_norm, False, n_rows * seq)
         except BaseException:
             # Leave the engine usable: no slot stays taken, no job stays unwaited.
             self._abort_landings()
@@ -390,22 +386,21 @@ class LayerMajorEngine:
         for name in ("hidden", "grads-out", "head-acc", "layer-acc"):
             self.device_ledger.drop(name)
 
-    def _land(self, layer: HostLayer, acc: torch.Tensor, norms: list, *, step, lr, betas, eps, weight_decay) -> int:
+    def _land(self, layer: HostLayer, acc: torch.Tensor, norms: list, *, step, lr, betas, eps, weight_decay) -> None:
         """Sends one layer's step gradient off the device (once per step). Without clipping,
         the Rust worker checks the landed gradient and skips a non-finite layer's update
         itself (counted in `landing.skipped_updates`), so the device never waits for a host
-        read here. Returns the number of updates known skipped now (always 0)."""
+        read here."""
         self.layer_landings[layer.key] = self.layer_landings.get(layer.key, 0) + 1
         if self.grad_clip is not None or self.track_grad_norm:
             norms.append(kernels.grad_sq_norm(acc))
         if self.grad_clip is not None:
             self.landing.land_to_buffer(layer.key, acc, layer.slab)
-            return 0
+            return
         self.landing.land_and_update(
             layer.key, acc, layer.slab, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             write_bf16=self.write_bf16, skip_nonfinite=True,
         )
-        return 0
 
     def wait_all(self) -> None:
         self.landing.wait_all()
