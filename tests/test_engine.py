@@ -395,8 +395,16 @@ def test_cuda_bf16_matches_cpu_fp32_engine(grad_clip):
 
 @pytest.mark.gpu
 def test_cuda_stream_accounting_and_depth():
+    import gc
+
     peaks = {}
+    trainer = None
     for layers in (4, 16):
+        # The previous trainer is freed before the next one exists, so nothing of it is alive
+        # when the next one's baseline is read (the engine also excludes whatever is).
+        del trainer
+        gc.collect()
+        torch.cuda.empty_cache()
         trainer = horizon.Trainer.from_config(_tiny(layers=layers), device="cuda", micro_batch_size=2,
                                               offload_checkpoints=True)
         sizes = {layer.key: layer.numel * 2 for layer in trainer.model.layers}
@@ -406,6 +414,49 @@ def test_cuda_stream_accounting_and_depth():
         assert trainer.stats["weight_bytes_h2d"] == 2 * (2 * blocks + sizes["embed"] + sizes["head"])
         peaks[layers] = trainer.stats["peak_device_bytes"]
     assert abs(peaks[16] - peaks[4]) <= 0.05 * peaks[4], peaks
+
+
+def test_cuda_peak_baseline_excludes_what_is_not_the_engines(monkeypatch):
+    """The CUDA peak's bookkeeping against a scripted allocator (the counters torch.cuda
+    keeps): a previous trainer's memory, alive when this engine is built and freed before or
+    during its step, must neither hide this step's memory nor count as this engine's."""
+    trainer = horizon.Trainer.from_config(_tiny(), device="cpu")
+    engine = trainer.engine
+    own = engine.device_ledger.current
+    assert own > 0
+    alloc = {"now": 0, "peak": 0}
+
+    def allocate(n):
+        alloc["now"] += n
+        alloc["peak"] = max(alloc["peak"], alloc["now"])
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: alloc["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: alloc["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: alloc.update(peak=alloc["now"]))
+    monkeypatch.setattr(engine, "_cuda", True)
+    old, step_bytes = 50 * own, 3 * own
+    allocate(old + own)  # the previous trainer, then this engine's persistent buffers
+    assert engine.peak_device_bytes() == own
+    allocate(-old)  # the previous trainer is freed before the first step
+    engine._begin_device_peak()
+    allocate(step_bytes)
+    allocate(-step_bytes)
+    engine._end_device_peak()
+    assert engine.peak_device_bytes() == own + step_bytes
+    allocate(old)  # someone else's memory, alive when the next step starts and freed during it
+    engine._begin_device_peak()
+    allocate(step_bytes // 3)
+    allocate(-old)
+    allocate(step_bytes // 3)
+    assert engine.peak_device_bytes() == own + step_bytes  # (mid-step: the running maximum)
+    allocate(-2 * (step_bytes // 3))
+    engine._end_device_peak()
+    assert engine.peak_device_bytes() == own + step_bytes
+    engine._begin_device_peak()
+    allocate(2 * step_bytes)
+    allocate(-2 * step_bytes)
+    engine._end_device_peak()
+    assert engine.peak_device_bytes() == own + 2 * step_bytes
 
 
 class _NanGrad(torch.autograd.Function):

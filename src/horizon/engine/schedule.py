@@ -106,10 +106,11 @@ class LayerMajorEngine:
         self.device_ledger = MemoryLedger()
         self.host_ledger = MemoryLedger()
 
-        if self._cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            self._cuda_base = torch.cuda.memory_allocated(device)
+        # CUDA: the peak is measured per step against a baseline read at the step's start
+        # (see _begin_device_peak), so memory of objects that are not this engine's (a previous
+        # trainer not yet freed, the caller's tensors) never counts.
+        self._cuda_base = None
+        self._cuda_peak = 0
 
         max_numel = max(layer.numel for layer in model.layers)
         # One pipeline (three worker lanes) per engine, so its counters are this engine's.
@@ -136,8 +137,27 @@ class LayerMajorEngine:
 
     def peak_device_bytes(self) -> int:
         if self._cuda:
-            return max(0, torch.cuda.max_memory_allocated(self.device) - self._cuda_base)
+            return max(self._cuda_peak, self._step_device_peak())
         return self.device_ledger.peak
+
+    def _begin_device_peak(self) -> None:
+        """CUDA: a step's peak is measured against a baseline read at its start: what is
+        allocated then, less what this engine holds between steps (its ledger: the weight
+        slots and other persistent buffers). Read from the allocator's host-side counters
+        (no device synchronisation)."""
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda_base = torch.cuda.memory_allocated(self.device) - self.device_ledger.current
+
+    def _end_device_peak(self) -> None:
+        if self._cuda and self._cuda_base is not None:
+            self._cuda_peak = max(self._cuda_peak, self._step_device_peak())
+            self._cuda_base = None
+
+    def _step_device_peak(self) -> int:
+        if self._cuda_base is None:  # between steps: what the engine holds
+            return self.device_ledger.current
+        return max(0, torch.cuda.max_memory_allocated(self.device) - self._cuda_base)
 
     def peak_host_bytes(self) -> int:
         return self.host_ledger.peak
@@ -157,6 +177,14 @@ class LayerMajorEngine:
              lr: float, betas, eps: float, weight_decay: float) -> StepResult:
         """One optimizer step on the whole batch (`input_ids`, `labels` [N, T] on the CPU,
         labels unshifted, HF convention). `step` is the 1-based AdamW step number."""
+        self._begin_device_peak()
+        try:
+            return self._step(input_ids, labels, micro_batch_size, step=step, lr=lr, betas=betas, eps=eps,
+                              weight_decay=weight_decay)
+        finally:
+            self._end_device_peak()
+
+    def _step(self, input_ids, labels, micro_batch_size, *, step, lr, betas, eps, weight_decay) -> StepResult:
         dev = self.device
         spec = self.spec
         layers = self.model.layers
