@@ -274,6 +274,94 @@ def test_non_finite_loss_skips_the_step():
     assert math.isfinite(trainer.train_step(ids)) and not trainer.last_step_skipped and trainer.step == 2
 
 
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_non_finite_loss_with_finite_gradients_changes_nothing(monkeypatch, grad_clip):
+    """The loss is read once, at the end of the step; without clipping the layers' AdamW jobs
+    run before that, and a gate voids them: here the loss alone is NaN (a constant added
+    to it), every gradient finite, so only the gate can keep the state unchanged."""
+    trainer = horizon.Trainer.from_config(_tiny(), device="cpu", lr=1e-2, grad_clip=grad_clip)
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    trainer.train_step(ids)
+    state = {k: v.clone() for k, v in trainer.state_tensors().items()}
+    head = trainer.model.layers[-1].defn.template
+    loss_sum = head.loss_sum
+    monkeypatch.setattr(head, "loss_sum", lambda *a, **k: loss_sum(*a, **k) + float("nan"))
+    assert math.isnan(trainer.train_step(ids))
+    assert trainer.last_step_skipped and trainer.step == 1 and math.isfinite(trainer.last_grad_norm)
+    for k, v in trainer.state_tensors().items():
+        assert torch.equal(v, state[k]), k
+    assert trainer.stats["skipped_layer_updates"] == 0  # voided, not skipped for their gradients
+    monkeypatch.setattr(head, "loss_sum", loss_sum)
+    assert math.isfinite(trainer.train_step(ids)) and trainer.step == 2
+    assert not torch.equal(trainer.state_tensors()["layers.0.master"], state["layers.0.master"])
+
+
+@pytest.mark.parametrize("grad_clip, track", [(None, True), (None, False), (0.5, True)])
+def test_one_host_read_per_step_and_persistent_buffers(monkeypatch, grad_clip, track):
+    """The step reads the device once (loss and norm together), accumulates every layer's
+    gradient in the same three persistent buffers, and computes the RoPE tables and the
+    checkpoint store once."""
+    trainer = horizon.Trainer.from_config(_tiny(layers=3), device="cpu", micro_batch_size=2, grad_clip=grad_clip,
+                                          track_grad_norm=track)
+    engine = trainer.engine
+    storages = set()
+    for name in ("land_and_update", "land_to_buffer"):
+        original = getattr(engine.landing, name)
+
+        def spy(key, flat_grad, *a, _original=original, **k):
+            storages.add(flat_grad.untyped_storage().data_ptr())
+            return _original(key, flat_grad, *a, **k)
+
+        monkeypatch.setattr(engine.landing, name, spy)
+    made = []
+    rope = horizon.kernels.rope_cos_sin
+    monkeypatch.setattr(horizon.kernels, "rope_cos_sin", lambda *a, **k: made.append(1) or rope(*a, **k))
+    for _ in range(4):
+        trainer.train_step(torch.randint(0, VOCAB, (4, SEQ)))
+        assert (trainer.last_grad_norm is not None) == (track or grad_clip is not None)
+    assert trainer.stats["host_syncs"] == 4
+    assert storages == {b.untyped_storage().data_ptr() for b in engine._grad_bufs.values()}
+    assert len(made) == 1 and len(engine._ckpt_stores) == 1
+
+
+def test_landing_slots_needed():
+    from horizon.engine.schedule import landing_slots_needed
+
+    assert landing_slots_needed(1.0, 2.0, cap=8) == 2  # AdamW keeps up: double buffering
+    assert landing_slots_needed(2.0, 2.0, cap=8) == 2
+    assert landing_slots_needed(3.1, 1.0, cap=8) == 5
+    assert landing_slots_needed(50.0, 1.0, cap=8) == 8
+    assert landing_slots_needed(0.0, 1.0, cap=8) == 2 and landing_slots_needed(1.0, 0.0, cap=8) == 2
+
+
+def test_landing_ring_grows_to_the_measured_need_without_changing_results(monkeypatch):
+    """After the second step the ring is sized from AdamW's time per layer against the
+    backward's (both measured on that step; here the measurement is scripted: AdamW 3.5x
+    slower), once, and the training is the same as with a fixed ring."""
+    cfg = _tiny(layers=6)
+    batches = [torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    fixed = horizon.Trainer.from_config(cfg, device="cpu", micro_batch_size=2, lr=1e-2)
+    fixed.engine._landing_auto = False  # as LayerMajorEngine(landing_slots=2)
+    auto = horizon.Trainer.from_config(cfg, device="cpu", micro_batch_size=2, lr=1e-2)
+    measured = []
+    rates = auto.engine._landing_rates
+
+    def scripted():
+        got = rates()
+        measured.append(got)
+        return None if got is None else (3.5e-3, 1e-3)
+
+    monkeypatch.setattr(auto.engine, "_landing_rates", scripted)
+    for i, ids in enumerate(batches):
+        assert auto.train_step(ids) == fixed.train_step(ids)
+        assert auto.stats["landing_slots"] == (2 if i < 2 else 5), i
+    assert len(measured) == 1 and measured[0] is not None and all(v > 0 for v in measured[0])
+    assert fixed.stats["landing_slots"] == 2
+    assert auto.stats["peak_host_bytes"] - fixed.stats["peak_host_bytes"] == 3 * auto.engine.landing.slot_numel * 4
+    for k, v in fixed.state_tensors().items():
+        assert torch.equal(auto.state_tensors()[k], v), k
+
+
 def test_state_tensors_round_trip_reproduces_training():
     cfg = _tiny()
     a = horizon.Trainer.from_config(cfg, device="cpu", seed=3, lr=1e-2)
@@ -457,6 +545,29 @@ def test_cuda_peak_baseline_excludes_what_is_not_the_engines(monkeypatch):
     allocate(-2 * step_bytes)
     engine._end_device_peak()
     assert engine.peak_device_bytes() == own + 2 * step_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_clip", [None, 0.05])
+def test_cuda_step_synchronises_once(grad_clip):
+    """torch's own detector of synchronising CUDA calls: a step after the warm-up makes
+    exactly one (the loss and norm read), as `stats['host_syncs']` counts."""
+    import warnings
+
+    trainer = horizon.Trainer.from_config(_tiny(layers=3), device="cuda", micro_batch_size=2, grad_clip=grad_clip)
+    ids = torch.randint(0, VOCAB, (4, SEQ))
+    trainer.train_step(ids)
+    before = trainer.engine.host_syncs
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train_step(ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, syncs
+    assert trainer.engine.host_syncs - before == 1
 
 
 class _NanGrad(torch.autograd.Function):

@@ -134,8 +134,9 @@ impl PyPipeline {
         Ok(PyTicket { t: self.lane(lane)?.submit(step_of(job, after, cuda_event, release)?) })
     }
 
-    /// Queues AdamW over `n` fp32 elements on the optimizer lane (`w_bf16` = 0: no bf16 copy).
-    #[pyo3(signature = (p, g, m, v, w_bf16, n, *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, skip_nonfinite=false, after=None, cuda_event=None, release=None))]
+    /// Queues AdamW over `n` fp32 elements on the optimizer lane (`w_bf16` = 0: no bf16 copy;
+    /// `gate` = address of an i32 that voids the update when 0 as the job runs, 0: none).
+    #[pyo3(signature = (p, g, m, v, w_bf16, n, *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, skip_nonfinite=false, after=None, cuda_event=None, release=None, gate=0))]
     #[allow(clippy::too_many_arguments)]
     fn adam(
         &self,
@@ -156,6 +157,7 @@ impl PyPipeline {
         after: Option<Vec<PyRef<'_, PyTicket>>>,
         cuda_event: Option<(u64, i32)>,
         release: Option<(PyRef<'_, PySlotRing>, usize)>,
+        gate: usize,
     ) -> PyResult<PyTicket> {
         if n > 0 && (p == 0 || g == 0 || m == 0 || v == 0) {
             return Err(err("adam: null pointer"));
@@ -164,7 +166,17 @@ impl PyPipeline {
             return Err(err("adam: step counts from 1"));
         }
         let hp = AdamParams { lr, beta1, beta2, eps, weight_decay, step, grad_scale };
-        let job = Job::Adam { p: RawPtr(p), g: RawPtr(g), m: RawPtr(m), v: RawPtr(v), w_bf16: RawPtr(w_bf16), n, hp, skip_nonfinite };
+        let job = Job::Adam {
+            p: RawPtr(p),
+            g: RawPtr(g),
+            m: RawPtr(m),
+            v: RawPtr(v),
+            w_bf16: RawPtr(w_bf16),
+            n,
+            hp,
+            skip_nonfinite,
+            gate: RawPtr(gate),
+        };
         Ok(PyTicket { t: self.optimizer.submit(step_of(job, after, cuda_event, release)?) })
     }
 

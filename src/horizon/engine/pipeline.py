@@ -162,6 +162,10 @@ class GradientLanding:
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self.bytes_d2h = 0
         self.wait_seconds = 0.0
+        self.adam_elements = 0  # elements handed to AdamW from the landing slots
+        # A 1-element int32 host tensor (or None): AdamW jobs queued while it is set read it
+        # when they run and change nothing if it holds 0 (see LayerMajorEngine._open_gate).
+        self.gate = None
 
     @property
     def n_slots(self) -> int:
@@ -170,6 +174,18 @@ class GradientLanding:
     @property
     def host_bytes(self) -> int:
         return sum(s.numel() * 4 for s in self._slots)
+
+    def resize(self, n_slots: int) -> None:
+        """Grows the ring to `n_slots` (never shrinks); waits for every queued job first."""
+        from ..store import host_buffer
+
+        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
+            raise HorizonError(f"landing slots must be an int >= 1, got {n_slots!r}")
+        if n_slots <= self.n_slots:
+            return
+        self.wait_all()
+        self._slots += [host_buffer(self.slot_numel, torch.float32) for _ in range(n_slots - self.n_slots)]
+        self._ring = _native.SlotRing(n_slots)
 
     @property
     def skipped_updates(self) -> int:
@@ -270,11 +286,12 @@ class GradientLanding:
             step=int(step), lr=float(lr), beta1=float(betas[0]), beta2=float(betas[1]), eps=float(eps),
             weight_decay=float(weight_decay), grad_scale=1.0, skip_nonfinite=bool(skip_nonfinite),
             after=[ticket] if ticket is not None else None, cuda_event=self._event_arg(ev),
-            release=(self._ring, slot),
+            release=(self._ring, slot), gate=0 if self.gate is None else self.gate.data_ptr(),
         )
-        # The job writes into the slab through raw pointers and syncs on the event: both stay
-        # alive until waited.
-        self._jobs.setdefault(key, []).append((t, (ev, slab)))
+        self.adam_elements += slab.numel
+        # The job writes into the slab through raw pointers, syncs on the event and reads the
+        # gate: all stay alive until waited.
+        self._jobs.setdefault(key, []).append((t, (ev, slab, self.gate)))
 
     def land_to_buffer(self, key, flat_grad, slab) -> None:
         """Async: gradient -> the slab's host gradient buffer (the clipping schedule)."""
