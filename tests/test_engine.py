@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import horizon
-from horizon import HorizonError
+from horizon import HorizonError, _native
 
 try:
     import transformers
@@ -213,6 +213,104 @@ def test_no_device_gradient_is_held_after_its_copy(monkeypatch, grad_clip):
         assert landing.held_gradients() == []
         assert [k for k, ref, _ in landed if ref() is not None] == [], step
     trainer.synchronize()
+
+
+class _FakeEvent:
+    made = []
+
+    def __init__(self, enable_timing=False, blocking=False, interprocess=False):
+        self.blocking, self.cuda_event, self.recorded = blocking, 1000 + len(_FakeEvent.made), False
+        _FakeEvent.made.append(self)
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    def query(self):
+        return False  # a copy still in flight
+
+
+class _FakeStream:
+    def __init__(self, *a, **k):
+        self.waits = []
+
+    def wait_event(self, ev):
+        self.waits.append(ev)
+
+
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:0 (for the landing's CUDA branch)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    def record_stream(self, stream):
+        self.recorded_on = stream
+
+
+class _RecordingPipeline:
+    """Stands in for the Rust pipeline: records the jobs instead of running them."""
+
+    def __init__(self):
+        self.jobs = []
+        self.skipped_updates = 0
+
+    def adam(self, *args, **kwargs):
+        self.jobs.append(("adam", kwargs))
+        return _native.Pipeline().marker("d2h")
+
+    def marker(self, lane, cuda_event=None):
+        self.jobs.append(("marker", dict(cuda_event=cuda_event)))
+        return _native.Pipeline().marker(lane)
+
+
+def test_cuda_landing_keeps_no_device_gradient_and_hands_workers_blocking_events(monkeypatch):
+    """The landing's CUDA branch with torch.cuda's stream and event objects stood in for: the
+    device gradient is not referenced once land_* returns (its copy still in flight:
+    record_stream guards the memory), and every event a Rust worker thread will wait on is
+    created with blocking synchronisation (so that thread sleeps instead of spinning)."""
+    from horizon.engine.pipeline import GradientLanding
+
+    _FakeEvent.made.clear()
+    compute = _FakeStream()
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    pipe = _RecordingPipeline()
+    landing = GradientLanding(2, 64, "cuda:0", pipeline=pipe)
+
+    class Slab:
+        numel = 64
+        master, exp_avg, exp_avg_sq, grad = (torch.zeros(64) for _ in range(4))
+        weights_bf16 = torch.zeros(64, dtype=torch.bfloat16)
+
+    refs = []
+    for land in (lambda g: landing.land_and_update("a", g, Slab, step=1, lr=1e-3, betas=(0.9, 0.99), eps=1e-8,
+                                                   weight_decay=0.0, write_bf16=True),
+                 lambda g: landing.land_to_buffer("b", g, Slab)):
+        g = torch.randn(64).as_subclass(_OnCuda)
+        land(g)
+        assert g.recorded_on is landing._stream
+        refs.append(weakref.ref(g))
+        del g
+    assert [r() for r in refs] == [None, None]
+    assert landing.held_gradients() == []
+    waited = {job[1]["cuda_event"][0] for job in pipe.jobs}
+
+    def events_by_handle():
+        return {e.cuda_event: e for e in _FakeEvent.made}
+
+    assert len(waited) == 2 and all(events_by_handle()[h].blocking and events_by_handle()[h].recorded for h in waited)
+    # Writing again into a buffer that was landed from waits for that copy on the device
+    # (the compute stream waits for its event), not on the host.
+    buf = torch.zeros(128).as_subclass(_OnCuda)
+    landing.before_reuse(buf)
+    assert compute.waits == []  # nothing copied from it yet
+    landing.land_and_update("c", buf[:64], Slab, step=1, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
+                            write_bf16=True)
+    landing.before_reuse(buf)
+    assert compute.waits == [events_by_handle()[pipe.jobs[-1][1]["cuda_event"][0]]]
 
 
 def test_tied_head_streams_the_embedding_again(tmp_path):

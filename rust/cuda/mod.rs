@@ -249,6 +249,8 @@ pub fn host_unregister(ptr: *mut u8) -> Result<()> {
 
 /// Blocks the calling (worker) thread until `event` (a raw `CUevent`/`cudaEvent_t`, e.g.
 /// torch's `Event.cuda_event`) has completed. Only this thread waits; the device goes on.
+/// The caller creates the event with `CU_EVENT_BLOCKING_SYNC` (torch: `Event(blocking=True)`):
+/// otherwise the driver spins this thread on a core until the event completes.
 pub fn event_synchronize(event: u64, device: i32) -> Result<()> {
     ensure_context(device)?;
     // SAFETY: the caller keeps the event alive until this returns.

@@ -60,7 +60,8 @@ pub struct Step {
     pub job: Job,
     /// Tickets (of any lane) to wait for before running.
     pub after: Vec<Ticket>,
-    /// A CUDA event (raw handle) to synchronise on before running, with its device.
+    /// A CUDA event (raw handle) to synchronise on before running, with its device; created
+    /// with blocking synchronisation, so the worker sleeps while it waits.
     pub cuda_event: Option<(u64, i32)>,
     /// A slot to return to its ring once the job is done.
     pub release: Option<(Arc<SlotRing>, usize)>,
@@ -219,6 +220,8 @@ fn execute(step: Step, lane: &LaneState) -> Result<(), String> {
         t.wait()?;
     }
     if let Some((event, device)) = step.cuda_event {
+        // A blocking-sync event (the submitter's contract): this thread sleeps, it does not
+        // spin a core the AdamW pool needs.
         crate::cuda::event_synchronize(event, device).map_err(|e| e.to_string())?;
     }
     // SAFETY (all arms): the submitter guarantees the buffers are live, large enough and not

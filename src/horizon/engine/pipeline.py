@@ -2,9 +2,9 @@
 gradients -> host landing slots -> AdamW), over the Rust pipeline (`horizon._native.Pipeline`).
 
 On CUDA the copies run on their own H2D and D2H streams, ordered against torch's compute
-stream by events only; Rust worker threads wait on the D2H events (that thread alone) before
-they run AdamW. On the CPU device the Rust lanes make the copies, so the same ordering logic
-runs in every test.
+stream by events only; Rust worker threads wait on the D2H events (that thread alone; the
+events use blocking synchronisation, so the wait sleeps) before they run AdamW. On the CPU
+device the Rust lanes make the copies, so the same ordering logic runs in every test.
 """
 
 from __future__ import annotations
@@ -242,7 +242,9 @@ class GradientLanding:
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(ready)
                 dst.copy_(flat_grad, non_blocking=True)
-                done = torch.cuda.Event()
+                # A Rust worker thread waits on this event (cuEventSynchronize): with blocking
+                # synchronisation it sleeps instead of spinning a core that AdamW needs.
+                done = torch.cuda.Event(blocking=True)
                 done.record(self._stream)
             # The compute stream may reuse flat_grad's memory only after the copy has read it;
             # nothing here keeps the tensor itself.
