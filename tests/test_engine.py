@@ -668,6 +668,164 @@ def test_cuda_step_synchronises_once(grad_clip):
     assert trainer.engine.host_syncs - before == 1
 
 
+# ---------------------------------------------------------------- determinism (docs/determinism.md)
+
+
+def _pairwise(vals):
+    """Sum of a list of tensors as a binary tree in list order (1+2, 3+4, ..., then pairs)."""
+    while len(vals) > 1:
+        vals = [vals[i] + vals[i + 1] if i + 1 < len(vals) else vals[i] for i in range(0, len(vals), 2)]
+    return vals[0]
+
+
+def test_sorted_segment_sum_is_a_fixed_pairwise_tree_per_row():
+    from horizon.models.blocks import sorted_segment_sum_
+
+    g = torch.Generator().manual_seed(0)
+    V, H, n = 40, 5, 333
+    rows = torch.randint(0, V, (n,), generator=g)
+    rows[:37] = 7  # one row with many tokens (an odd count: uneven tree)
+    rows[-1] = V - 1  # one with one token
+    vals = torch.randn(n, H, generator=g)
+    acc = torch.randn(V, H, generator=g)
+    got = sorted_segment_sum_(acc.clone(), rows, vals)
+    want = acc.clone()
+    for r in rows.unique().tolist():
+        want[r] = acc[r] + _pairwise([vals[i] for i in range(n) if rows[i] == r])
+    assert torch.equal(got, want)  # bit for bit: the summation order is the documented one
+    ref = acc.double().index_add_(0, rows, vals.double())
+    assert _rel(got.double(), ref) < 1e-6
+    assert torch.equal(sorted_segment_sum_(acc.clone(), rows[:0], vals[:0]), acc)
+
+
+def test_embedding_gradient_on_cuda_is_the_segment_sum():
+    from horizon.models.blocks import EmbeddingTemplate, sorted_segment_sum_
+
+    class OnCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 9, (3, 11), generator=g)
+    gy = torch.randn(3, 11, 4, generator=g).bfloat16()
+    acc = torch.zeros(9, 4)
+    EmbeddingTemplate.weight_grad_(acc.as_subclass(OnCuda), ids, gy)
+    want = sorted_segment_sum_(torch.zeros(9, 4), ids.reshape(-1), gy.reshape(-1, 4).float())
+    assert torch.equal(acc, want)
+    cpu = EmbeddingTemplate.weight_grad_(torch.zeros(9, 4), ids, gy)  # the CPU keeps index_add_
+    assert _rel(cpu, want) < 1e-6
+
+
+def _math_attention(q, k, v):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("heads, kv_heads, native_gqa", [(4, 4, True), (4, 2, True), (6, 2, False)])
+def test_attention_backward_runs_in_deterministic_mode_only(monkeypatch, heads, kv_heads, native_gqa):
+    """The CUDA flash path's wiring, with the aten flash ops stood in for by a CPU version:
+    the backward op runs with torch's deterministic mode on and only then; grouped queries
+    go to the op as they are, or (a torch whose op refuses them) expanded and summed back."""
+    from horizon.kernels import attention
+
+    seen = {"bwd_det": [], "fwd_heads": []}
+
+    def fwd(q, k, v, dropout, causal, debug):
+        seen["fwd_heads"].append(k.shape[1])
+        if k.shape[1] != q.shape[1] and not native_gqa:
+            raise RuntimeError("number of heads in key/value must equal the query's")
+        out = _math_attention(q, k, v)
+        z = torch.zeros(())
+        return out, z, z, z, q.shape[2], k.shape[2], z, z, z
+
+    def bwd(dout, q, k, v, out, lse, cq, ck, mq, mk, dropout, causal, seed, offset):
+        seen["bwd_det"].append(torch.are_deterministic_algorithms_enabled())
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        with torch.enable_grad():
+            return torch.autograd.grad(_math_attention(qq, kk, vv), (qq, kk, vv), dout)
+
+    monkeypatch.setattr(attention, "_flash_fwd", fwd)
+    monkeypatch.setattr(attention, "_flash_bwd", bwd)
+    monkeypatch.setattr(attention, "flash_supported", lambda q, k: True)
+
+    class OnCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    g = torch.Generator().manual_seed(heads + kv_heads)
+    q, k, v = (torch.randn(2, h, 9, 16, generator=g) for h in (heads, kv_heads, kv_heads))
+    qs, ks, vs = (t.clone().as_subclass(OnCuda).requires_grad_() for t in (q, k, v))
+    out = attention.causal_attention(qs, ks, vs)
+    dout = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (qs, ks, vs), dout)
+    assert seen["bwd_det"] == [True] and not torch.are_deterministic_algorithms_enabled()
+    assert seen["fwd_heads"] == ([kv_heads] if native_gqa or heads == kv_heads else [kv_heads, heads])
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, is_causal=True, enable_gqa=heads != kv_heads)
+    want = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    assert _rel(out.detach(), ref.detach()) < 1e-5
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and _rel(a, b) < 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_attention_backward_is_bitwise_repeatable():
+    from horizon.kernels.attention import causal_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 8, 1024, 128, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(2, 2, 1024, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
+    dout = torch.randn(2, 8, 1024, 128, device="cuda", generator=g).bfloat16()
+    runs = []
+    for _ in range(3):
+        qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+        runs.append(torch.autograd.grad(causal_attention(qs, ks, vs), (qs, ks, vs), dout))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    ref = torch.autograd.grad(_math_attention(qf, kf, vf), (qf, kf, vf), dout.float())
+    for a, b in zip(runs[0], ref):
+        assert _rel(a.float(), b) < 2e-2
+
+
+def _tiny_moe():
+    cfg = _tiny(layers=2)
+    cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=16, num_experts=4,
+               num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=True,
+               decoder_sparse_step=1, intermediate_size=48)
+    return cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [_tiny(layers=3), _tiny_moe()], ids=["llama", "qwen3_moe"])
+def test_cuda_training_and_resume_are_bit_identical(cfg):
+    """Two CUDA runs from the same seed, and a run resumed from its state tensors, end in
+    the same bits (docs/determinism.md)."""
+    gen = torch.Generator().manual_seed(9)
+    batches = [torch.randint(0, VOCAB, (4, SEQ), generator=gen) for _ in range(4)]
+
+    def run(steps, start=None):
+        t = horizon.Trainer.from_config(cfg, seed=2, device="cuda", micro_batch_size=2, **HP)
+        if start is not None:
+            t.load_state_tensors({k: v.clone() for k, v in start[0].items()})
+            t.step = start[1]
+        losses = [t.train_step(ids) for ids in steps]
+        return losses, {k: v.clone() for k, v in t.state_tensors().items()}, t.step
+
+    full = run(batches)
+    again = run(batches)
+    half = run(batches[:2])
+    resumed = run(batches[2:], start=(half[1], half[2]))
+    assert full[0] == again[0] and full[0][2:] == resumed[0]
+    for k, v in full[1].items():
+        assert torch.equal(v, again[1][k]), k
+        assert torch.equal(v, resumed[1][k]), k
+
+
 class _NanGrad(torch.autograd.Function):
     """Identity forward; a NaN gradient for its input (a parameter view) in the backward."""
 
