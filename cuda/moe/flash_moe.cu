@@ -1,6 +1,7 @@
 // flash_moe forward: the whole MoE layer in one persistent launch (see FLASHMOE.md).
 //
-// Phases, separated by grid-wide barriers (the grid is sized by the caller to be co-resident):
+// Phases, separated by grid-wide barriers (the host launches the grid cooperatively, sized by
+// the occupancy query, so every block is resident; every wait is bounded, see moe_tiles.cuh):
 //   1. route   one warp per token: fp32 router logits (bf16 operands), softmax, greedy top-k
 //              (ties to the lowest expert), optional renormalisation.
 //   2. count   the (token, choice) pairs are cut into chunks of 256; a warp per chunk counts
@@ -46,11 +47,12 @@ struct MoeArgs {
   int* slot;        // [P] slot in the expert, -1 when dropped
   int* sorted;      // [P] pair index by (expert offset + slot)
   int* hist;        // [nchunks, E] per-chunk counts, then per-chunk base slots
-  int* meta;        // off[E+1], rbp[E+1], kept[E], then counters (tile, barrier)
+  int* meta;        // off[E+1], rbp[E+1], kept[E], then counters (tile, barrier, abort)
   int* ready;       // [row blocks] finished up tiles per row block
   bf16* h;          // [P, I] activations, by sorted position
   bf16* outp;       // [P, H] unscaled expert outputs, by pair
   int T, H, I, E, k, cap, renorm;
+  Waits waits;
 };
 
 static __device__ void route_phase(const MoeArgs& a, float* lg_all) {
@@ -264,7 +266,8 @@ static __device__ void tile_gemm(TileSmem& sm, const bf16* arow0, const bf16* ar
 
 static __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
 
-static __device__ void tiles_phase(const MoeArgs& a, TileSmem& sm, int* tile_counter) {
+// False when the launch gave up waiting (see moe_tiles.cuh): the kernel returns.
+static __device__ bool tiles_phase(const MoeArgs& a, TileSmem& sm, int* tile_counter) {
   __shared__ int s_tile;
   const int* off = a.meta;
   const int* rbp = a.meta + a.E + 1;
@@ -282,7 +285,7 @@ static __device__ void tiles_phase(const MoeArgs& a, TileSmem& sm, int* tile_cou
     __syncthreads();
     const long long tile = s_tile;
     __syncthreads();  // everyone has read s_tile before thread 0 may overwrite it
-    if (tile >= n_total) break;
+    if (tile >= n_total) return true;
     const bool up = tile < n_up;
     const long long local = up ? tile : tile - n_up;
     const int rb = (int)(local / (up ? nI : nH));
@@ -318,11 +321,7 @@ static __device__ void tiles_phase(const MoeArgs& a, TileSmem& sm, int* tile_cou
       __syncthreads();
       if (threadIdx.x == 0) atomicAdd(a.ready + rb, 1);
     } else {
-      if (threadIdx.x == 0) {
-        while (*(volatile int*)(a.ready + rb) < nI) __nanosleep(64);
-        __threadfence();
-      }
-      __syncthreads();
+      if (!block_wait_at_least(a.ready + rb, nI, a.waits)) return false;
       const bf16* ar0 = r0 < rows ? a.h + (long long)(base + r0) * a.I : nullptr;
       const bf16* ar1 = r0 + 32 < rows ? a.h + (long long)(base + r0 + 32) * a.I : nullptr;
       tile_gemm<false>(sm, ar0, ar1, true, a.w2 + (long long)e * a.H * a.I, nullptr, n0, a.H, a.I, acc0, acc1);
@@ -378,29 +377,31 @@ union alignas(16) MoeSmem {
 }  // namespace
 
 // Requirements (checked by the Python side): H % 8 == 0, I % 8 == 0, 1 <= k <= 8, E <= 256,
-// 16-byte aligned contiguous tensors, zeroed meta counters and ready[], a co-resident grid.
+// 16-byte aligned contiguous tensors, zeroed meta counters and ready[], a cooperative launch.
+// status: host-visible int[3] (see moe_tiles.cuh) or null; spin_limit_ms bounds every wait.
 extern "C" __global__ void __launch_bounds__(MOE_THREADS)
 horizon_flash_moe_fwd(bf16* y, const bf16* x, const bf16* wr, const bf16* w1, const bf16* w3, const bf16* w2,
                       float* logits, int* tope, float* topw, int* slot, int* sorted, int* hist, int* meta, int* ready,
-                      bf16* h, bf16* outp, int T, int H, int I, int E, int k, int cap, int renorm) {
+                      bf16* h, bf16* outp, int* status, int T, int H, int I, int E, int k, int cap, int renorm,
+                      int spin_limit_ms) {
   __shared__ MoeSmem smem;
+  int* counters = meta + 3 * E + 2;  // [0] tile queue, [1] grid barrier, [2] abort
   MoeArgs a{y, x, wr, w1, w3, w2, logits, tope, topw, slot, sorted, hist, meta, ready, h, outp,
-            T, H, I, E, k, cap, renorm};
-  int* counters = meta + 3 * E + 2;  // [0] tile queue, [1] grid barrier
+            T, H, I, E, k, cap, renorm, Waits{counters + 2, status, spin_limit_ms * 1000000LL, 1}};
   const int P = T * k;
   const int nchunks = (P + CHUNK - 1) / CHUNK;
   const int warp = threadIdx.x >> 5;
   const int gw = blockIdx.x * MOE_WARPS + warp, nw = gridDim.x * MOE_WARPS;
 
   route_phase(a, smem.route_logits);
-  grid_barrier(counters + 1, 1);
+  if (!grid_barrier(counters + 1, 1, a.waits)) return;
   for (int c = gw; c < nchunks; c += nw) chunk_walk(a, c, smem.chunk_counts + warp * MOE_MAX_E, false);
-  grid_barrier(counters + 1, 2);
+  if (!grid_barrier(counters + 1, 2, a.waits)) return;
   scan_phase(a, nchunks);
-  grid_barrier(counters + 1, 3);
+  if (!grid_barrier(counters + 1, 3, a.waits)) return;
   for (int c = gw; c < nchunks; c += nw) chunk_walk(a, c, smem.chunk_counts + warp * MOE_MAX_E, true);
-  grid_barrier(counters + 1, 4);
-  tiles_phase(a, smem.tile, counters);
-  grid_barrier(counters + 1, 5);
+  if (!grid_barrier(counters + 1, 4, a.waits)) return;
+  if (!tiles_phase(a, smem.tile, counters)) return;
+  if (!grid_barrier(counters + 1, 5, a.waits)) return;
   combine_phase(a);
 }

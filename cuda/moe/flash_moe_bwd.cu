@@ -1,7 +1,8 @@
 // flash_moe backward: the whole MoE layer's gradient in one persistent launch (FLASHMOE.md,
 // "Backward"), driven by the routing state the forward (flash_moe.cu) left behind.
 //
-// Phases, separated by grid-wide barriers (the grid is sized by the caller to be co-resident):
+// Phases, separated by grid-wide barriers (the host launches the grid cooperatively, sized by
+// the occupancy query, so every block is resident; every wait is bounded, see moe_tiles.cuh):
 //   1. pairs   one warp per token: for each kept pair dw = <dy[t], out_pair> and the scaled
 //              gradient row dyp[pos] = w * dy[t] (bf16, by sorted position pos = off[e] + slot);
 //              the router backward of the token (through the optional renormalisation and
@@ -73,9 +74,10 @@ struct Args {
   bf16* dg;          // scratch [P, I] by sorted position
   bf16* du;          // scratch [P, I] by sorted position
   bf16* dxp;         // scratch [P, H] by pair
-  int* meta;         // rbp[E+1], then counters: tile queue, grid barrier (zeroed)
+  int* meta;         // rbp[E+1], then counters: tile queue, grid barrier, abort (zeroed)
   int* ready;        // [row blocks] finished mid tiles (zeroed)
   int T, H, I, E, Ep, k, renorm;
+  Waits waits;
 };
 
 // ---------------------------------------------------------------- 1. pairs and router
@@ -297,9 +299,6 @@ static __device__ __forceinline__ void zero(float (&acc)[2][4][4]) {
       for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.f;
 }
 
-static __device__ __forceinline__ void wait_ready(const int* flag, int target) {
-  while (*(volatile const int*)flag < target) __nanosleep(64);
-}
 
 // ---------------------------------------------------------------- 2. tiles
 
@@ -476,8 +475,9 @@ static __device__ __forceinline__ void row_block(const Args& a, int rb, int& e, 
 
 // Tiles come off one counter in increasing order, so a block walks the kinds in list order:
 // one loop per kind (one kind's code per loop also keeps ptxas's register allocation per
-// kind; a single loop over all kinds needed ~250 registers).
-static __device__ void tiles_phase(const Args& a, TileSmem& sm, int* tile_counter) {
+// kind; a single loop over all kinds needed ~250 registers). False when the launch gave up
+// waiting (see moe_tiles.cuh): the kernel returns.
+static __device__ bool tiles_phase(const Args& a, TileSmem& sm, int* tile_counter) {
   const int* rbp = a.meta;
   const long long R = ldcg_i(rbp + a.E);
   const long long nI = (a.I + BN - 1) / BN, nH = (a.H + BN - 1) / BN, nE = (a.E + BM - 1) / BM;
@@ -510,25 +510,26 @@ static __device__ void tiles_phase(const Args& a, TileSmem& sm, int* tile_counte
     const int rb = (int)(local / nH);
     int e, base, rows;
     row_block(a, rb, e, base, rows);
-    if (threadIdx.x == 0) {
-      wait_ready(a.ready + rb, (int)nI);
-      __threadfence();
-    }
-    __syncthreads();
+    if (!block_wait_at_least(a.ready + rb, (int)nI, a.waits)) return false;
     dx_tile(a, sm, e, base, rows, (int)(local % nH) * BN);
   }
   for (; tile < e_dw13; tile = next_tile(tile_counter)) {
     const long long local = tile - e_dx;
     const int e = (int)(local / (nH * nI));
     const long long rest = local % (nH * nI);
+    __shared__ int s_ok;
     if (threadIdx.x == 0) {
+      bool ok = true;
       const int r1 = ldcg_i(rbp + e + 1);
-      for (int rb = ldcg_i(rbp + e); rb < r1; ++rb) wait_ready(a.ready + rb, (int)nI);
+      for (int rb = ldcg_i(rbp + e); ok && rb < r1; ++rb) ok = wait_at_least(a.ready + rb, (int)nI, a.waits);
+      s_ok = ok;
       __threadfence();
     }
     __syncthreads();
+    if (!s_ok) return false;  // (rewritten only after next_tile's barriers)
     dw13_tile(a, sm, e, (int)(rest / nI) * BM, (int)(rest % nI) * BN);
   }
+  return true;
 }
 
 // ---------------------------------------------------------------- 3. combine
@@ -576,8 +577,9 @@ static __device__ void combine_phase(const Args& a, TileSmem& sm) {
 
 // Requirements (checked by the Python side): H % 8 == 0, I % 8 == 0, Ep = E rounded up to 8,
 // 1 <= k <= 8, E <= 256, 16-byte aligned contiguous tensors, the forward's state, zeroed
-// meta (E + 3 ints) and ready[] (>= row blocks), a co-resident grid (the caller launches 2
-// blocks per SM; the bounds ask ptxas for <= 168 registers, which it meets without spilling).
+// meta (E + 4 ints) and ready[] (>= row blocks), a cooperative launch (grid from the occupancy
+// query; the bounds ask ptxas for <= 168 registers, which it meets without spilling).
+// status: host-visible int[3] (see moe_tiles.cuh) or null; spin_limit_ms bounds every wait.
 extern "C" __global__ void __launch_bounds__(flash_moe_bwd::THREADS, 3)
 horizon_flash_moe_bwd(__nv_bfloat16* dx, __nv_bfloat16* dwr, __nv_bfloat16* dw1, __nv_bfloat16* dw3,
                       __nv_bfloat16* dw2, const __nv_bfloat16* dy, const float* dlogits, const __nv_bfloat16* x,
@@ -585,16 +587,17 @@ horizon_flash_moe_bwd(__nv_bfloat16* dx, __nv_bfloat16* dwr, __nv_bfloat16* dw1,
                       const __nv_bfloat16* w2, const float* logits, const int* tope, const float* topw,
                       const int* slot, const int* sorted, const int* off, const __nv_bfloat16* h,
                       const __nv_bfloat16* outp, __nv_bfloat16* dyp, __nv_bfloat16* dl, __nv_bfloat16* dg,
-                      __nv_bfloat16* du, __nv_bfloat16* dxp, int* meta, int* ready, int T, int H, int I, int E,
-                      int Ep, int k, int renorm) {
+                      __nv_bfloat16* du, __nv_bfloat16* dxp, int* meta, int* ready, int* status, int T, int H,
+                      int I, int E, int Ep, int k, int renorm, int spin_limit_ms) {
   namespace fb = flash_moe_bwd;  // qualified: the forward's anonymous-namespace names are visible here
   __shared__ fb::TileSmem smem;
+  int* counters = meta + E + 1;  // [0] tile queue, [1] grid barrier, [2] abort
   const fb::Args a{dx, dwr, dw1, dw3, dw2, dy, dlogits, x, wr, w1, w3, w2, logits, tope, topw, slot, sorted, off, h,
-                   outp, dyp, dl, dg, du, dxp, meta, ready, T, H, I, E, Ep, k, renorm};
-  int* counters = meta + E + 1;  // [0] tile queue, [1] grid barrier
+                   outp, dyp, dl, dg, du, dxp, meta, ready, T, H, I, E, Ep, k, renorm,
+                   fb::Waits{counters + 2, status, spin_limit_ms * 1000000LL, 2}};
   fb::pairs_phase(a);
-  fb::grid_barrier(counters + 1, 1);
-  fb::tiles_phase(a, smem, counters);
-  fb::grid_barrier(counters + 1, 2);
+  if (!fb::grid_barrier(counters + 1, 1, a.waits)) return;
+  if (!fb::tiles_phase(a, smem, counters)) return;
+  if (!fb::grid_barrier(counters + 1, 2, a.waits)) return;
   fb::combine_phase(a, smem);
 }

@@ -1,6 +1,6 @@
 // Shared by the flash_moe forward (flash_moe.cu) and backward (flash_moe_bwd.cu): the tile
-// shape, warp reductions, the grid barrier of a co-resident persistent grid, and the
-// mma.sync m16n8k16 tile step (4 warps of 32 x 32 over a 64 x 64 tile).
+// shape, warp reductions, the bounded waits and grid barrier of a co-resident persistent grid,
+// and the mma.sync m16n8k16 tile step (4 warps of 32 x 32 over a 64 x 64 tile).
 #pragma once
 #include "common.cuh"
 
@@ -24,18 +24,82 @@ static __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Grid-wide barrier number `n` (1, 2, ...) on a zeroed counter. Every thread fences its own
-// writes; thread 0 arrives and spins; the block barrier then releases the rest.
-static __device__ void grid_barrier(int* counter, int n) {
-  __threadfence();
-  __syncthreads();
+// ---------------------------------------------------------------- bounded waits
+//
+// The persistent kernels wait for each other's blocks (grid barriers, tile dependencies). The
+// host launches them cooperatively with an occupancy-sized grid, so every block is resident;
+// should that fail anyway, no wait spins for ever: a wait longer than `limit_ns` gives up,
+// raises the launch's abort flag (every other wait then gives up at once and every block
+// returns) and records what happened in `status` (page-locked host memory the host reads:
+// [0] code, [1] block, [2] kernel), so the run stops with an error instead of hanging.
+
+enum WaitCode { kWaitTimedOut = 1 };
+
+struct Waits {
+  int* abort;        // device int, zeroed by the host before the launch
+  int* status;       // host-visible int[3], or nullptr
+  long long limit_ns;
+  int kernel;        // 1 forward, 2 backward
+};
+
+static __device__ __forceinline__ long long now_ns() {
+#ifdef HORIZON_HOST_MMA
+  return host_now_ns();  // tests/cuda_host: the host runtime's clock
+#else
+  long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+#endif
+}
+
+static __device__ __forceinline__ int ld_volatile(const int* p) { return *(const volatile int*)p; }
+
+// Thread-level: waits until *flag >= target. False when the launch gave up (this wait ran past
+// the limit, or another one did).
+static __device__ bool wait_at_least(const int* flag, int target, const Waits& w) {
+  if (ld_volatile(flag) >= target) return true;
+  const long long t0 = now_ns();
+  unsigned sleep = 32;
+  while (ld_volatile(flag) < target) {
+    if (ld_volatile(w.abort)) return false;
+    if (now_ns() - t0 > w.limit_ns) {
+      atomicExch(w.abort, 1);
+      if (w.status != nullptr) {
+        volatile int* st = w.status;
+        st[1] = (int)blockIdx.x;
+        st[2] = w.kernel;
+        __threadfence_system();
+        st[0] = kWaitTimedOut;
+        __threadfence_system();
+      }
+      return false;
+    }
+    __nanosleep(sleep);
+    if (sleep < 1024) sleep *= 2;
+  }
+  return true;
+}
+
+// Block-level: thread 0 waits, the block learns the outcome (uniform across the block).
+static __device__ bool block_wait_at_least(const int* flag, int target, const Waits& w) {
+  __shared__ int s_ok;
   if (threadIdx.x == 0) {
-    atomicAdd(counter, 1);
-    const int target = n * (int)gridDim.x;
-    while (*(volatile int*)counter < target) __nanosleep(64);
+    s_ok = wait_at_least(flag, target, w);
     __threadfence();
   }
   __syncthreads();
+  const bool ok = s_ok != 0;
+  return ok;  // s_ok is rewritten only after the next __syncthreads every thread passes
+}
+
+// Grid-wide barrier number `n` (1, 2, ...) on a zeroed counter. Every thread fences its own
+// writes; thread 0 arrives and waits; the block barrier then releases the rest. False when the
+// launch gave up: the caller returns.
+static __device__ bool grid_barrier(int* counter, int n, const Waits& w) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(counter, 1);
+  return block_wait_at_least(counter, n * (int)gridDim.x, w);
 }
 
 // ---------------------------------------------------------------- 1. route

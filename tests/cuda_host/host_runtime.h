@@ -164,15 +164,18 @@ inline void run_block(unsigned bx, int nthreads, size_t dyn_smem, const std::fun
 }
 
 // Runs body() as grid x threads CUDA threads; returns the number of blocks that failed.
+// `resident` < grid starts only the first `resident` blocks (the others never get an SM: what
+// a persistent kernel meets when its grid is not co-resident); gridDim still says `grid`.
 inline int launch(unsigned grid, unsigned threads, size_t dyn_smem, const std::function<void()>& body,
-                  double limit_s = 120.0) {
+                  double limit_s = 120.0, unsigned resident = ~0u) {
   gridDim = dim3{grid, 1, 1};
   blockDim = dim3{threads, 1, 1};
   g_deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds((long long)(limit_s * 1000));
   g_failed = false;
-  std::vector<Status> st(grid, kOk);
+  const unsigned started = resident < grid ? resident : grid;
+  std::vector<Status> st(started, kOk);
   std::vector<std::thread> ts;
-  for (unsigned bx = 0; bx < grid; ++bx)
+  for (unsigned bx = 0; bx < started; ++bx)
     ts.emplace_back([&, bx] { run_block(bx, (int)threads, dyn_smem, body, &st[bx]); });
   for (auto& t : ts) t.join();
   int bad = 0;
@@ -187,6 +190,11 @@ inline void* dynamic_smem() {
 }
 
 }  // namespace horizon_host
+
+long long host_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 void __syncthreads() { horizon_host::wait(horizon_host::g_blk->bar); }
 void __syncwarp(unsigned) { horizon_host::wait(horizon_host::warp().bar); }

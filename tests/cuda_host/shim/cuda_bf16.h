@@ -93,6 +93,10 @@ static inline float rsqrtf(float v) { return 1.f / std::sqrt(v); }
 using std::isfinite;
 static inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 static inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+static inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 static inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+// %globaltimer: nanoseconds of the host's steady clock (host_runtime.h).
+long long host_now_ns();
 // Replaces the kernel's inline-PTX mma.sync.m16n8k16 (the test rewrites the asm statement).
 void host_mma16816(float c[4], const unsigned a[4], const unsigned b[2]);
