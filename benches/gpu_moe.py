@@ -25,8 +25,17 @@ def bench(fn, iters=10, warmup=3):
     return median_ms(fn, iters=iters, warmup=warmup)
 
 
+def flops_of(T, H, I, E, k):
+    """(forward, backward) FLOPs as the kernels do them, P = T k pairs (all kept). Forward:
+    router 2TEH, up (gate and up) 4PHI, down 2PHI. Backward kernel: per pair dh = dy w2 (2HI),
+    g and u recomputed (4HI), dW2 (2HI), dx_pair (4HI), dW1 and dW3 (4HI): 16PHI; router dWr
+    and dl Wr: 4TEH. Not 2x the forward (the recompute of g and u is 4PHI more)."""
+    P = T * k
+    return 2 * T * E * H + 6 * P * H * I, 16 * P * H * I + 4 * T * E * H
+
+
 def run_shape(torch, moe, moe_fused, shape, routing, T, H, I, E, k, x, w, peak):
-    flops = 2 * T * E * H + T * k * 6 * H * I  # forward; the backward is about twice that
+    flops, bwd_flops = flops_of(T, H, I, E, k)
     impls = {
         "fused": lambda xx, ww: moe.flash_moe(xx, ww[0], ww[1], ww[2], ww[3], top_k=k),
         "fused_torchbwd": lambda xx, ww: moe_fused.flash_moe_fused(xx, ww[0], ww[1], ww[2], ww[3], top_k=k,
@@ -62,7 +71,8 @@ def run_shape(torch, moe, moe_fused, shape, routing, T, H, I, E, k, x, w, peak):
             row["kernel_bwd_ms"] = bench(lambda: moe_fused.backward_kernel(st, dy, dl, x, *w, k, True), iters=5)
             row["grouped_bwd_ms"] = bench(lambda: moe_fused.backward_torch(st, dy, dl, x, *w, k, True), iters=5)
             row["bwd_speedup_kernel_vs_grouped"] = row["grouped_bwd_ms"] / row["kernel_bwd_ms"]
-            row["bwd_TFLOPS"] = 2 * flops / row["kernel_bwd_ms"] / 1e9
+            row["bwd_TFLOPS"] = bwd_flops / row["kernel_bwd_ms"] / 1e9
+            row["bwd_fraction_of_matmul"] = row["bwd_TFLOPS"] / peak
             del st
     except Exception as e:
         row["bwd_error"] = repr(e)[:300]

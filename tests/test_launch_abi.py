@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from horizon import moe, native
-from horizon.kernels import _common, moe_fused
+from horizon.kernels import _common, moe_fused, norm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -90,6 +90,7 @@ def launches(monkeypatch):
     cooperative_calls.clear()
     monkeypatch.setattr(native, "launch", record)
     monkeypatch.setattr(moe_fused, "_occupancy", lambda kernel, index: 3)
+    monkeypatch.setattr(norm, "_bwd_blocks_per_sm", lambda H, index: 3)
     monkeypatch.setattr(native, "can_launch", lambda t, k: k in SIGS)
     monkeypatch.setattr(_common, "device_sms", lambda t: 4)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"multi_processor_count": 4})())

@@ -565,6 +565,41 @@ def test_backward_kernel_source_on_host_threads(host_bwd, T, H, I, E, k, cf, ren
         assert rel(a, c) < 2e-2, name
 
 
+def test_gpu_moe_bench_counts_the_backward_flops_the_kernel_does(monkeypatch):
+    """benches/gpu_moe.py's backward FLOPs against a count of the useful multiply-adds of every
+    tile the kernel's transcription (backward_emulate: its tile list and tile shapes) runs."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    benches = pathlib.Path(__file__).resolve().parent.parent / "benches"
+    monkeypatch.syspath_prepend(str(benches))
+    spec = importlib.util.spec_from_file_location("gpu_moe_bench", benches / "gpu_moe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    T, H, I, E, k = 64, 48, 40, 8, 2  # E a multiple of 8: the router operand has no padding
+    ins = _bwd_case(T, H, I, E, seed=1)
+    st = moe_fused.forward_torch(*ins, k, True, None)
+    assert int(st.off[-1]) == T * k  # every pair kept
+    counted = []
+    tile_mma = moe_fused._tile_mma
+
+    def extent(view, t0, trans, n):
+        limit = view.ncols if trans else view.nrows
+        return max(0, min(n, limit - t0))
+
+    def counting(A, at0, ta, B, bt0, tb, K, bm, bn):
+        counted.append(2 * extent(A, at0, ta, bm) * extent(B, bt0, tb, bn) * K)
+        return tile_mma(A, at0, ta, B, bt0, tb, K, bm, bn)
+
+    monkeypatch.setattr(moe_fused, "_tile_mma", counting)
+    dy = torch.randn(T, H, generator=torch.Generator().manual_seed(2))
+    moe_fused.backward_emulate(st, dy, None, *ins, k, True)
+    fwd, bwd = bench.flops_of(T, H, I, E, k)
+    assert sum(counted) == bwd
+    assert bwd == 16 * T * k * H * I + 4 * T * E * H and bwd != 2 * fwd
+
+
 def test_backward_kernel_and_emulation_validate():
     x, wr, w1, w3, w2 = _weights(4, 8, 8, 3)
     st = moe_fused.forward_torch(x, wr, w1, w3, w2, 1, True, None)
@@ -622,7 +657,7 @@ def test_forward_kernel_source_on_host_threads(host_moe, monkeypatch, T, H, I, E
     host_moe.launches.clear()
     host_moe.cooperative.clear()
     got = moe_fused.forward_kernel(*(hostbuild.fake(t) for t in ins), k, renorm, cap)
-    assert host_moe.launches == [("horizon_flash_moe_fwd", (sms * bps,), (128,), 0)]
+    assert host_moe.launches == [("horizon_flash_moe_fwd", (sms * bps,), (256,), 0)]
     assert host_moe.cooperative == [True]
     assert torch.equal(got.logits, want.logits)
     assert torch.equal(got.tope, want.tope)
@@ -649,11 +684,11 @@ def test_a_grid_that_is_not_resident_gives_up_and_says_so(host_moe, monkeypatch,
 
     T, H, I, E, k = 40, 16, 24, 4, 2
     host_moe.patch(monkeypatch, sms=2, blocks_per_sm=2)
-    monkeypatch.setattr(moe_fused, "_SPIN_LIMIT_MS", 300)
     ins = [hostbuild.fake(t) for t in _bwd_case(T, H, I, E, seed=3, dtype=torch.bfloat16, exact=True)]
     if which == "backward":
         st = moe_fused.forward_kernel(*ins, k, True, None)  # all blocks resident: a good state
         moe_fused.check_status()
+    monkeypatch.setattr(moe_fused, "_SPIN_LIMIT_MS", 300)
     host_moe.resident = 3  # of a grid of 4
     try:
         if which == "forward":

@@ -32,7 +32,7 @@
 // registers. Operands are "views" of row-major matrices, optionally with rows gathered through
 // `sorted`; a view is read either row-wise (tile row = matrix row, K along the row) or
 // transposed (tile row = matrix column, K down the rows: the weight-gradient reductions over
-// slots/tokens), the transpose done while staging into shared memory.
+// slots/tokens), staged k-major as loaded and transposed by ldmatrix.trans into fragments.
 // Data written earlier in this launch (dyp, dl, dg, du, dx_pair, rbp) is read with
 // ld.global.cg (L2), never through a possibly stale L1 line.
 #include "moe/moe_tiles.cuh"
@@ -230,26 +230,20 @@ static __device__ __forceinline__ void fetch2(const View& v, int t0, int k0, con
   }
 }
 
-// Writes a thread's two chunks into the K-contiguous shared tile s[row][k].
-template <bool TR>
-static __device__ __forceinline__ void stage2(bf16 (*s)[SK], const uint4& v0, const uint4& v1) {
+// Writes a thread's two chunks into the operand's shared slice: row-major (s.rk[row][k]) or,
+// transposed, k-major as loaded (s.kr[k][row]: 16-byte stores, 8 lanes per 128 contiguous
+// bytes, no bank conflicts; mma_slice reads it back with ldmatrix.trans).
+template <bool TR, int ROWS>
+static __device__ __forceinline__ void stage2(Stage<ROWS>& s, const uint4& v0, const uint4& v1) {
   const int tid = threadIdx.x;
   if constexpr (!TR) {
     const int r = tid >> 2, kv = (tid & 3) * 8;
-    *reinterpret_cast<uint4*>(&s[r][kv]) = v0;
-    *reinterpret_cast<uint4*>(&s[r + 32][kv]) = v1;
+    *reinterpret_cast<uint4*>(&s.rk[r][kv]) = v0;
+    *reinterpret_cast<uint4*>(&s.rk[r + 32][kv]) = v1;
   } else {
     const int kr = tid >> 3, c = (tid & 7) * 8;
-    const unsigned w0[4] = {v0.x, v0.y, v0.z, v0.w};
-    const unsigned w1[4] = {v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      // Little endian: the low half of each 32-bit word is the lower column.
-      *reinterpret_cast<unsigned short*>(&s[c + 2 * i][kr]) = (unsigned short)(w0[i] & 0xffffu);
-      *reinterpret_cast<unsigned short*>(&s[c + 2 * i + 1][kr]) = (unsigned short)(w0[i] >> 16);
-      *reinterpret_cast<unsigned short*>(&s[c + 2 * i][kr + 16]) = (unsigned short)(w1[i] & 0xffffu);
-      *reinterpret_cast<unsigned short*>(&s[c + 2 * i + 1][kr + 16]) = (unsigned short)(w1[i] >> 16);
-    }
+    *reinterpret_cast<uint4*>(&s.kr[kr][c]) = v0;
+    *reinterpret_cast<uint4*>(&s.kr[kr + 16][c]) = v1;
   }
 }
 
@@ -286,7 +280,7 @@ static __device__ void tile_mma(TileSmem& sm, const View& A, int at0, const View
     if constexpr (TWO) stage2<TB>(sm.B1, vc0, vc1);
     __syncthreads();
     if (k0 + BK < K) fetch(k0 + BK);
-    mma_slice<TWO>(sm, acc0, acc1);
+    mma_slice<TWO, TA, TB>(sm, acc0, acc1);
   }
 }
 

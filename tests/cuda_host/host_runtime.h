@@ -4,8 +4,9 @@
 // device); inside a block, each CUDA thread is a fiber (ucontext) on that OS thread, switching
 // only at __syncthreads, warp collectives and __nanosleep, in an order shuffled every round. Shared memory is
 // the block's thread_local statics (see shim/cuda_bf16.h) plus a NaN-filled dynamic buffer.
-// Warp collectives (shuffles, match, vote, the mma.sync m16n8k16 of moe_tiles.cuh under
-// HORIZON_HOST_MMA) exchange through per-warp slots between two warp barriers.
+// Warp collectives (shuffles, match, vote, the mma.sync m16n8k16 and ldmatrix.trans of
+// moe_tiles.cuh under HORIZON_HOST_MMA) exchange through per-warp slots between two warp
+// barriers.
 //
 // Failure modes become a return code instead of a hang: a block whose fibers all wait on
 // barriers that cannot complete (a missing __syncthreads participant), or a launch still running
@@ -191,6 +192,25 @@ inline void* dynamic_smem() {
 
 }  // namespace horizon_host
 
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 as the PTX ISA defines it: lane t supplies the
+// address of row t % 8 (8 b16 values) of matrix t / 8; with .trans each matrix is delivered
+// transposed, so lane t receives from matrix i the elements (row 2 (t % 4), column t / 4) and
+// (row 2 (t % 4) + 1, column t / 4), low half first, in d[i].
+void host_ldmatrix_x4_trans(unsigned (&d)[4], const void* row) {
+  using namespace horizon_host;
+  Warp& w = warp();
+  const int l = threadIdx.x % 32;
+  w.v[l] = reinterpret_cast<unsigned long long>(row);
+  wait(w.bar);
+  const int r0 = 2 * (l % 4), c = l / 4;
+  for (int i = 0; i < 4; ++i) {
+    const auto* lo = reinterpret_cast<const unsigned short*>(w.v[8 * i + r0]);
+    const auto* hi = reinterpret_cast<const unsigned short*>(w.v[8 * i + r0 + 1]);
+    d[i] = (unsigned)lo[c] | ((unsigned)hi[c] << 16);
+  }
+  wait(w.bar);
+}
+
 long long host_now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
@@ -206,6 +226,15 @@ float __shfl_xor_sync(unsigned, float v, int o) {
 int __shfl_xor_sync(unsigned, int v, int o) {
   return horizon_host::collective<int>((unsigned)v,
                                        [o](const unsigned long long* s, int l) { return (int)(unsigned)s[l ^ o]; });
+}
+int __shfl_up_sync(unsigned, int v, unsigned d) {
+  return horizon_host::collective<int>((unsigned)v, [d](const unsigned long long* s, int l) {
+    return (int)(unsigned)s[l >= (int)d ? l - (int)d : l];
+  });
+}
+int __shfl_sync(unsigned, int v, int src) {
+  return horizon_host::collective<int>((unsigned)v,
+                                       [src](const unsigned long long* s, int) { return (int)(unsigned)s[src & 31]; });
 }
 unsigned __match_any_sync(unsigned, int v) {
   return horizon_host::collective<unsigned>((unsigned)v, [](const unsigned long long* s, int l) {

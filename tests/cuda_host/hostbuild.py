@@ -117,11 +117,12 @@ class HostKernels:
         """Route the ops' kernel launches here, as on a device with `sms` SMs on which the
         occupancy query finds room for `blocks_per_sm` blocks of every kernel."""
         from horizon import native
-        from horizon.kernels import _common, moe_fused
+        from horizon.kernels import _common, moe_fused, norm
 
         props = type("P", (), {"multi_processor_count": sms})()
         monkeypatch.setattr(native, "launch", self.launch)
         monkeypatch.setattr(moe_fused, "_occupancy", lambda kernel, index: blocks_per_sm)
+        monkeypatch.setattr(norm, "_bwd_blocks_per_sm", lambda H, index: blocks_per_sm)
         monkeypatch.setattr(native, "can_launch", lambda t, k: k in self.names)
         monkeypatch.setattr(_common, "sm_count", lambda index: sms)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)

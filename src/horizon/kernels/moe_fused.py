@@ -34,9 +34,9 @@ from ._common import device_sms, out_empty
 KERNEL = "horizon_flash_moe_fwd"
 BWD_KERNEL = "horizon_flash_moe_bwd"
 _BACKWARDS = ("kernel", "torch", "emulate")  # emulate: backward_emulate (CPU, slow; tests)
-_THREADS = 128
+_THREADS = {"horizon_flash_moe_fwd": 256, "horizon_flash_moe_bwd": 128}  # (kernel constants)
 _CHUNK = 256  # pairs per placement chunk (kernel constant CHUNK)
-_BM = 64  # rows per tile (kernel constant BM)
+_BM = 64  # rows per tile of the backward (kernel constant BM); the forward's are 128
 _MAX_E = 256
 _MAX_K = 8
 # Every wait inside the persistent kernels (grid barriers, tile dependencies) gives up after
@@ -47,7 +47,7 @@ _SPIN_LIMIT_MS = int(os.environ.get("HORIZON_MOE_SPIN_LIMIT_MS", "60000"))
 
 @functools.lru_cache(maxsize=None)
 def _occupancy(kernel: str, index: int) -> int:
-    return int(native.max_active_blocks_per_sm(kernel, _THREADS, 0, index))
+    return int(native.max_active_blocks_per_sm(kernel, _THREADS[kernel], 0, index))
 
 
 def blocks_per_sm(kernel: str, x: torch.Tensor) -> int:
@@ -226,7 +226,7 @@ def forward_kernel(x, wr, w1, w3, w2, top_k, renormalize, cap) -> MoeState:
     native.launch(
         KERNEL,
         (persistent_grid(KERNEL, x),),
-        (_THREADS,),
+        (_THREADS[KERNEL],),
         [("ptr", t.data_ptr()) for t in (y, x, wr, w1, w3, w2, logits, tope, topw, slot, sorted_, hist, meta, ready, h,
                                          outp, status)]
         + [("i32", v) for v in (T, H, I, E, top_k, _capacity(cap, P), 1 if renormalize else 0, _SPIN_LIMIT_MS)],
@@ -343,7 +343,7 @@ def backward_kernel(st: MoeState, dy, dlogits, x, wr, w1, w3, w2, top_k, renorma
     native.launch(
         BWD_KERNEL,
         (persistent_grid(BWD_KERNEL, x),),
-        (_THREADS,),
+        (_THREADS[BWD_KERNEL],),
         [("ptr", 0 if t is None else t.data_ptr()) for t in ptrs]
         + [("i32", v) for v in (T, H, I, E, Ep, top_k, 1 if renormalize else 0, _SPIN_LIMIT_MS)],
         device=dev,
