@@ -5,15 +5,16 @@ a per-expert torch loop (horizon.moe.flash_moe_reference) and a torch grouped-GE
 implementation (sort-based dispatch + torch._grouped_mm: the fused path's torch twin), as
 ratios in one run; the backward alone (kernel vs grouped GEMMs from one forward state); and
 achieved TFLOPS against a bf16 matmul measured in the same run.
-Usage: python benches/gpu_moe.py --out FILE.json [--quick]. Without a GPU: a message, exit 0."""
+Usage: python benches/gpu_moe.py --out FILE.jsonl [--quick]. Each run's row is appended to the
+JSON Lines file as soon as it is measured. Without a GPU: a message, exit 0."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from cuda_timing import median_ms
+from gpu_rows import Rows
 
 SHAPES = {
     "mixtral-8x7b": dict(H=4096, I=14336, E=8, k=2),
@@ -106,12 +107,11 @@ def main() -> int:
     from horizon.kernels import moe_fused
 
     dev = torch.device("cuda")
-    results = {"device": torch.cuda.get_device_name(dev), "runs": []}
+    out = Rows(args.out, "gpu_moe")
     a = torch.randn(8192, 8192, device=dev).bfloat16()
     ms = bench(lambda: a @ a, iters=20)
     peak = 2 * 8192**3 / ms / 1e9
-    results["matmul_TFLOPS"] = peak
-    print(f"bf16 matmul: {peak:.0f} TFLOPS")
+    out.add({"device": torch.cuda.get_device_name(dev), "matmul_TFLOPS": peak})
     del a
     for shape, s in SHAPES.items():
         H, I, E, k = s["H"], s["I"], s["E"], s["k"]
@@ -128,15 +128,10 @@ def main() -> int:
                     wts[0] = w[0].clone()
                     wts[0][0] += (d * (2.0 / (0.25 * H))).bfloat16()
                 x = x.bfloat16()
-                row = run_shape(torch, moe, moe_fused, shape, routing, T, H, I, E, k, x, wts, peak)
-                results["runs"].append(row)
-                print(json.dumps(row))
+                out.add(run_shape(torch, moe, moe_fused, shape, routing, T, H, I, E, k, x, wts, peak))
                 del x
         del w
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1)
     return 0
 
 
