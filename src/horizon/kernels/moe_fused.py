@@ -15,6 +15,13 @@ points, in fp32 — it proves the kernel's decomposition on the CPU.
 Semantics are horizon.moe's, except that router logits are computed in fp32 from the
 bf16 operands (the reference rounds them to the input dtype first), so top-k ties go by the
 fp32 logits.
+
+Both kernels are persistent: their blocks wait for each other (grid barriers, tile
+dependencies), so they are launched cooperatively (all blocks resident at once, or the driver
+refuses; a refused grid is halved until it fits) with SMs x the occupancy query's blocks per
+SM. Every wait inside gives up after HORIZON_MOE_SPIN_LIMIT_MS (60 s) and the next launch, or
+`check_status()`, raises a HorizonError saying so: a misconfigured GPU stops a run, it does not
+hang it.
 """
 
 from __future__ import annotations
