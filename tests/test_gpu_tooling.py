@@ -31,7 +31,6 @@ def test_pin_summary_states():
 
 
 import json  # noqa: E402
-import os  # noqa: E402
 import pathlib  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402

@@ -570,7 +570,6 @@ def test_gpu_moe_bench_counts_the_backward_flops_the_kernel_does(monkeypatch):
     tile the kernel's transcription (backward_emulate: its tile list and tile shapes) runs."""
     import importlib.util
     import pathlib
-    import sys
 
     benches = pathlib.Path(__file__).resolve().parent.parent / "benches"
     monkeypatch.syspath_prepend(str(benches))
