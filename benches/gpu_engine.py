@@ -6,19 +6,22 @@ installed; bf16 autocast, fp32 params, fused torch.optim.AdamW, all on the GPU) 
 fits GPU memory, as a ratio. The card's bf16 matmul ceiling is measured first so the
 TFLOP/s can be read as a fraction of it.
 
-    python benches/gpu_engine.py --out engine.json
-Without a GPU it says so and exits 0.
+    python benches/gpu_engine.py --out engine.jsonl [--quick]
+Each figure is appended to the JSON Lines file as it is measured. --quick: Horizon alone on the
+peer-sized model (the one engine figure of a re-run). Without a GPU it says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_rows import Rows  # noqa: E402
 
 BYTES_PER_PARAM = 14  # fp32 master + Adam m, v + bf16 copy (no clipping): docs/engine.md
 
@@ -187,42 +190,45 @@ def main() -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--peer-layers", type=int, default=6)
+    ap.add_argument("--quick", action="store_true", help="Horizon on the peer-sized model only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("gpu_engine: no CUDA GPU here; nothing measured")
         return 0
 
     dev = torch.device("cuda")
+    out = Rows(args.out, "gpu_engine")
     res = {"card": torch.cuda.get_device_name(dev), "seq": args.seq, "rows": args.rows,
            "micro_batch": args.micro_batch, "tokens_per_step": args.rows * args.seq}
     res["bf16_matmul_tflops"] = matmul_tflops(dev)
+    out.add(dict(res))
 
-    # Peer comparison first (it needs the GPU memory to itself).
+    def figure(name, r):
+        out.add({"run": name, **{k: v for k, v in r.items() if k != "losses"}, "losses": r.get("losses")})
+        print(f"{name:13s} params {r['params'] / 1e9:6.2f} B  {r['tokens_per_s']:10.0f} tok/s  "
+              f"{r['tflops']:6.1f} TFLOP/s  step {r['step_s']:.2f} s  peak dev {r['peak_device_GB']:.1f} GB",
+              flush=True)
+        return r
+
     peer_cfg = llama_config(args.peer_layers)
-    res["peer_torch"] = time_torch(peer_cfg, args.rows, args.seq, args.micro_batch, args.steps)
-    res["peer_horizon"] = time_horizon(peer_cfg, args.rows, args.seq, args.micro_batch, args.steps)
-    res["horizon_vs_torch_tokens_per_s"] = res["peer_horizon"]["tokens_per_s"] / res["peer_torch"]["tokens_per_s"]
+    if args.quick:
+        figure("peer_horizon", time_horizon(peer_cfg, args.rows, args.seq, args.micro_batch, args.steps))
+        return 0
+    # Peer comparison first (it needs the GPU memory to itself).
+    torch_run = figure("peer_torch", time_torch(peer_cfg, args.rows, args.seq, args.micro_batch, args.steps))
+    ours = figure("peer_horizon", time_horizon(peer_cfg, args.rows, args.seq, args.micro_batch, args.steps))
+    ratio = ours["tokens_per_s"] / torch_run["tokens_per_s"]
+    out.add({"horizon_vs_torch_tokens_per_s": ratio, "peer_params": torch_run["params"]})
 
     # The largest model the host holds, within the time cap.
     budget = min(args.host_fraction * mem_available() / BYTES_PER_PARAM, args.max_params)
     fixed, block = params_of(llama_config(0))
     layers = max(1, int((budget - fixed) // block))
-    big = llama_config(layers)
-    res["large_layers"] = layers
-    res["large"] = time_horizon(big, args.rows, args.seq, args.micro_batch, max(1, args.steps - 1))
-    res["large"]["fraction_of_matmul_ceiling"] = res["large"]["tflops"] / res["bf16_matmul_tflops"]
-
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
-    print(f"card: {res['card']}  bf16 matmul ceiling {res['bf16_matmul_tflops']:.0f} TFLOP/s")
-    for name in ("peer_torch", "peer_horizon", "large"):
-        r = res[name]
-        print(f"{name:13s} params {r['params'] / 1e9:6.2f} B  {r['tokens_per_s']:10.0f} tok/s  "
-              f"{r['tflops']:6.1f} TFLOP/s  step {r['step_s']:.2f} s  peak dev {r['peak_device_GB']:.1f} GB")
-    print(f"horizon / torch tokens/s on the {res['peer_torch']['params'] / 1e9:.2f} B model: "
-          f"{res['horizon_vs_torch_tokens_per_s']:.2f}")
+    large = time_horizon(llama_config(layers), args.rows, args.seq, args.micro_batch, max(1, args.steps - 1))
+    large["layers"] = layers
+    large["fraction_of_matmul_ceiling"] = large["tflops"] / res["bf16_matmul_tflops"]
+    figure("large", large)
+    print(f"horizon / torch tokens/s on the {torch_run['params'] / 1e9:.2f} B model: {ratio:.2f}")
     return 0
 
 

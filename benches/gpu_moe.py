@@ -5,15 +5,16 @@ a per-expert torch loop (horizon.moe.flash_moe_reference) and a torch grouped-GE
 implementation (sort-based dispatch + torch._grouped_mm: the fused path's torch twin), as
 ratios in one run; the backward alone (kernel vs grouped GEMMs from one forward state); and
 achieved TFLOPS against a bf16 matmul measured in the same run.
-Usage: python benches/gpu_moe.py --out FILE.json [--quick]. Without a GPU: a message, exit 0."""
+Usage: python benches/gpu_moe.py --out FILE.jsonl [--quick]. Each run's row is appended to the
+JSON Lines file as soon as it is measured. Without a GPU: a message, exit 0."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from cuda_timing import median_ms
+from gpu_rows import Rows
 
 SHAPES = {
     "mixtral-8x7b": dict(H=4096, I=14336, E=8, k=2),
@@ -25,8 +26,17 @@ def bench(fn, iters=10, warmup=3):
     return median_ms(fn, iters=iters, warmup=warmup)
 
 
+def flops_of(T, H, I, E, k):
+    """(forward, backward) FLOPs as the kernels do them, P = T k pairs (all kept). Forward:
+    router 2TEH, up (gate and up) 4PHI, down 2PHI. Backward kernel: per pair dh = dy w2 (2HI),
+    g and u recomputed (4HI), dW2 (2HI), dx_pair (4HI), dW1 and dW3 (4HI): 16PHI; router dWr
+    and dl Wr: 4TEH. Not 2x the forward (the recompute of g and u is 4PHI more)."""
+    P = T * k
+    return 2 * T * E * H + 6 * P * H * I, 16 * P * H * I + 4 * T * E * H
+
+
 def run_shape(torch, moe, moe_fused, shape, routing, T, H, I, E, k, x, w, peak):
-    flops = 2 * T * E * H + T * k * 6 * H * I  # forward; the backward is about twice that
+    flops, bwd_flops = flops_of(T, H, I, E, k)
     impls = {
         "fused": lambda xx, ww: moe.flash_moe(xx, ww[0], ww[1], ww[2], ww[3], top_k=k),
         "fused_torchbwd": lambda xx, ww: moe_fused.flash_moe_fused(xx, ww[0], ww[1], ww[2], ww[3], top_k=k,
@@ -62,7 +72,8 @@ def run_shape(torch, moe, moe_fused, shape, routing, T, H, I, E, k, x, w, peak):
             row["kernel_bwd_ms"] = bench(lambda: moe_fused.backward_kernel(st, dy, dl, x, *w, k, True), iters=5)
             row["grouped_bwd_ms"] = bench(lambda: moe_fused.backward_torch(st, dy, dl, x, *w, k, True), iters=5)
             row["bwd_speedup_kernel_vs_grouped"] = row["grouped_bwd_ms"] / row["kernel_bwd_ms"]
-            row["bwd_TFLOPS"] = 2 * flops / row["kernel_bwd_ms"] / 1e9
+            row["bwd_TFLOPS"] = bwd_flops / row["kernel_bwd_ms"] / 1e9
+            row["bwd_fraction_of_matmul"] = row["bwd_TFLOPS"] / peak
             del st
     except Exception as e:
         row["bwd_error"] = repr(e)[:300]
@@ -96,12 +107,11 @@ def main() -> int:
     from horizon.kernels.moe import fused as moe_fused
 
     dev = torch.device("cuda")
-    results = {"device": torch.cuda.get_device_name(dev), "runs": []}
+    out = Rows(args.out, "gpu_moe")
     a = torch.randn(8192, 8192, device=dev).bfloat16()
     ms = bench(lambda: a @ a, iters=20)
     peak = 2 * 8192**3 / ms / 1e9
-    results["matmul_TFLOPS"] = peak
-    print(f"bf16 matmul: {peak:.0f} TFLOPS")
+    out.add({"device": torch.cuda.get_device_name(dev), "matmul_TFLOPS": peak})
     del a
     for shape, s in SHAPES.items():
         H, I, E, k = s["H"], s["I"], s["E"], s["k"]
@@ -118,15 +128,10 @@ def main() -> int:
                     wts[0] = w[0].clone()
                     wts[0][0] += (d * (2.0 / (0.25 * H))).bfloat16()
                 x = x.bfloat16()
-                row = run_shape(torch, moe, moe_fused, shape, routing, T, H, I, E, k, x, wts, peak)
-                results["runs"].append(row)
-                print(json.dumps(row))
+                out.add(run_shape(torch, moe, moe_fused, shape, routing, T, H, I, E, k, x, wts, peak))
                 del x
         del w
         torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1)
     return 0
 
 

@@ -5,12 +5,13 @@ Only the equivalence tests need transformers (the GPU image may lack it); the ot
 their configs as plain dicts."""
 
 import math
+import weakref
 
 import pytest
 import torch
 
 import horizon
-from horizon import HorizonError
+from horizon import HorizonError, _native
 
 try:
     import transformers
@@ -182,6 +183,136 @@ def test_weights_stream_twice_and_gradients_leave_once_per_step(micro_batch_size
     assert trainer.engine.layer_landings == {k: 1 for k in sizes}
 
 
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_no_device_gradient_is_held_after_its_copy(monkeypatch, grad_clip):
+    """Device memory must not grow by a gradient per layer: once a layer's landing copy has
+    completed, nothing references that layer's device gradient any more, checked at every
+    later landing of the step and after it, while the AdamW jobs may still be queued."""
+    trainer = horizon.Trainer.from_config(_tiny(layers=4), device="cpu", micro_batch_size=2, grad_clip=grad_clip)
+    landing = trainer.engine.landing
+    landed = []  # (layer key, weak reference to its device gradient, its copy's marker)
+
+    def spying(original):
+        def spy(key, flat_grad, slab, *args, **kwargs):
+            copied = [(k, ref) for k, ref, marker in landed if marker.done]
+            original(key, flat_grad, slab, *args, **kwargs)
+            landed.append((key, weakref.ref(flat_grad), landing.last_copy))
+            for k, ref in copied:
+                assert ref() is None, f"{k}: device gradient still referenced after its copy completed"
+        return spy
+
+    monkeypatch.setattr(landing, "land_and_update", spying(landing.land_and_update))
+    monkeypatch.setattr(landing, "land_to_buffer", spying(landing.land_to_buffer))
+    ids = torch.randint(0, VOCAB, (4, SEQ))
+    for step in range(2):
+        landed.clear()
+        trainer.train_step(ids)
+        assert len(landed) == len(trainer.model.layers)
+        landing.last_copy.wait()  # the copies only: the updates may still be running
+        landing.release_copied()
+        assert landing.held_gradients() == []
+        assert [k for k, ref, _ in landed if ref() is not None] == [], step
+    trainer.synchronize()
+
+
+class _FakeEvent:
+    made = []
+
+    def __init__(self, enable_timing=False, blocking=False, interprocess=False):
+        self.blocking, self.cuda_event, self.recorded = blocking, 1000 + len(_FakeEvent.made), False
+        _FakeEvent.made.append(self)
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    def query(self):
+        return False  # a copy still in flight
+
+
+class _FakeStream:
+    def __init__(self, *a, **k):
+        self.waits = []
+
+    def wait_event(self, ev):
+        self.waits.append(ev)
+
+
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:0 (for the landing's CUDA branch)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    def record_stream(self, stream):
+        self.recorded_on = stream
+
+
+class _RecordingPipeline:
+    """Stands in for the Rust pipeline: records the jobs instead of running them."""
+
+    def __init__(self):
+        self.jobs = []
+        self.skipped_updates = 0
+
+    def adam(self, *args, **kwargs):
+        self.jobs.append(("adam", kwargs))
+        return _native.Pipeline().marker("d2h")
+
+    def marker(self, lane, cuda_event=None):
+        self.jobs.append(("marker", dict(cuda_event=cuda_event)))
+        return _native.Pipeline().marker(lane)
+
+
+def test_cuda_landing_keeps_no_device_gradient_and_hands_workers_blocking_events(monkeypatch):
+    """The landing's CUDA branch with torch.cuda's stream and event objects stood in for: the
+    device gradient is not referenced once land_* returns (its copy still in flight:
+    record_stream guards the memory), and every event a Rust worker thread will wait on is
+    created with blocking synchronisation (so that thread sleeps instead of spinning)."""
+    from horizon.engine.pipeline import GradientLanding
+
+    _FakeEvent.made.clear()
+    compute = _FakeStream()
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    pipe = _RecordingPipeline()
+    landing = GradientLanding(2, 64, "cuda:0", pipeline=pipe)
+
+    class Slab:
+        numel = 64
+        master, exp_avg, exp_avg_sq, grad = (torch.zeros(64) for _ in range(4))
+        weights_bf16 = torch.zeros(64, dtype=torch.bfloat16)
+
+    refs = []
+    for land in (lambda g: landing.land_and_update("a", g, Slab, step=1, hyper=_native.AdamW(1e-3, 0.9, 0.99, 1e-8, 0.0),
+                                                   write_bf16=True),
+                 lambda g: landing.land_to_buffer("b", g, Slab)):
+        g = torch.randn(64).as_subclass(_OnCuda)
+        land(g)
+        assert g.recorded_on is landing._stream
+        refs.append(weakref.ref(g))
+        del g
+    assert [r() for r in refs] == [None, None]
+    assert landing.held_gradients() == []
+    waited = {job[1]["cuda_event"][0] for job in pipe.jobs}
+
+    def events_by_handle():
+        return {e.cuda_event: e for e in _FakeEvent.made}
+
+    assert len(waited) == 2 and all(events_by_handle()[h].blocking and events_by_handle()[h].recorded for h in waited)
+    # Writing again into a buffer that was landed from waits for that copy on the device
+    # (the compute stream waits for its event), not on the host.
+    buf = torch.zeros(128).as_subclass(_OnCuda)
+    landing.before_reuse(buf)
+    assert compute.waits == []  # nothing copied from it yet
+    landing.land_and_update("c", buf[:64], Slab, step=1, hyper=_native.AdamW(1e-3, 0.9, 0.99, 1e-8, 0.0),
+                            write_bf16=True)
+    landing.before_reuse(buf)
+    assert compute.waits == [events_by_handle()[pipe.jobs[-1][1]["cuda_event"][0]]]
+
+
 def test_tied_head_streams_the_embedding_again(tmp_path):
     cfg = _tiny()
     cfg["tie_word_embeddings"] = True
@@ -239,6 +370,94 @@ def test_non_finite_loss_skips_the_step():
         torch.testing.assert_close(v, poisoned[k], equal_nan=True, rtol=0, atol=0)
     trainer.load_state_tensors(state)
     assert math.isfinite(trainer.train_step(ids)) and not trainer.last_step_skipped and trainer.step == 2
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_non_finite_loss_with_finite_gradients_changes_nothing(monkeypatch, grad_clip):
+    """The loss is read once, at the end of the step; without clipping the layers' AdamW jobs
+    run before that, and a gate voids them: here the loss alone is NaN (a constant added
+    to it), every gradient finite, so only the gate can keep the state unchanged."""
+    trainer = horizon.Trainer.from_config(_tiny(), device="cpu", lr=1e-2, grad_clip=grad_clip)
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    trainer.train_step(ids)
+    state = {k: v.clone() for k, v in trainer.state_tensors().items()}
+    head = trainer.model.layers[-1].defn.template
+    loss_sum = head.loss_sum
+    monkeypatch.setattr(head, "loss_sum", lambda *a, **k: loss_sum(*a, **k) + float("nan"))
+    assert math.isnan(trainer.train_step(ids))
+    assert trainer.last_step_skipped and trainer.step == 1 and math.isfinite(trainer.last_grad_norm)
+    for k, v in trainer.state_tensors().items():
+        assert torch.equal(v, state[k]), k
+    assert trainer.stats["skipped_layer_updates"] == 0  # voided, not skipped for their gradients
+    monkeypatch.setattr(head, "loss_sum", loss_sum)
+    assert math.isfinite(trainer.train_step(ids)) and trainer.step == 2
+    assert not torch.equal(trainer.state_tensors()["layers.0.master"], state["layers.0.master"])
+
+
+@pytest.mark.parametrize("grad_clip, track", [(None, True), (None, False), (0.5, True)])
+def test_one_host_read_per_step_and_persistent_buffers(monkeypatch, grad_clip, track):
+    """The step reads the device once (loss and norm together), accumulates every layer's
+    gradient in the same three persistent buffers, and computes the RoPE tables and the
+    checkpoint store once."""
+    trainer = horizon.Trainer.from_config(_tiny(layers=3), device="cpu", micro_batch_size=2, grad_clip=grad_clip,
+                                          track_grad_norm=track)
+    engine = trainer.engine
+    storages = set()
+    for name in ("land_and_update", "land_to_buffer"):
+        original = getattr(engine.landing, name)
+
+        def spy(key, flat_grad, *a, _original=original, **k):
+            storages.add(flat_grad.untyped_storage().data_ptr())
+            return _original(key, flat_grad, *a, **k)
+
+        monkeypatch.setattr(engine.landing, name, spy)
+    made = []
+    rope = engine.rotary.cos_sin
+    monkeypatch.setattr(engine.rotary, "cos_sin", lambda *a, **k: made.append(1) or rope(*a, **k))
+    for _ in range(4):
+        trainer.train_step(torch.randint(0, VOCAB, (4, SEQ)))
+        assert (trainer.last_grad_norm is not None) == (track or grad_clip is not None)
+    assert trainer.stats["host_syncs"] == 4
+    assert storages == {b.untyped_storage().data_ptr() for b in engine._grad_bufs.values()}
+    assert len(made) == 1 and len(engine._ckpt_stores) == 1
+
+
+def test_landing_slots_needed():
+    from horizon.engine.schedule import landing_slots_needed
+
+    assert landing_slots_needed(1.0, 2.0, cap=8) == 2  # AdamW keeps up: double buffering
+    assert landing_slots_needed(2.0, 2.0, cap=8) == 2
+    assert landing_slots_needed(3.1, 1.0, cap=8) == 5
+    assert landing_slots_needed(50.0, 1.0, cap=8) == 8
+    assert landing_slots_needed(0.0, 1.0, cap=8) == 2 and landing_slots_needed(1.0, 0.0, cap=8) == 2
+
+
+def test_landing_ring_grows_to_the_measured_need_without_changing_results(monkeypatch):
+    """After the second step the ring is sized from AdamW's time per layer against the
+    backward's (both measured on that step; here the measurement is scripted: AdamW 3.5x
+    slower), once, and the training is the same as with a fixed ring."""
+    cfg = _tiny(layers=6)
+    batches = [torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    fixed = horizon.Trainer.from_config(cfg, device="cpu", micro_batch_size=2, lr=1e-2)
+    fixed.engine._landing_auto = False  # as LayerMajorEngine(landing_slots=2)
+    auto = horizon.Trainer.from_config(cfg, device="cpu", micro_batch_size=2, lr=1e-2)
+    measured = []
+    rates = auto.engine._landing_rates
+
+    def scripted():
+        got = rates()
+        measured.append(got)
+        return None if got is None else (3.5e-3, 1e-3)
+
+    monkeypatch.setattr(auto.engine, "_landing_rates", scripted)
+    for i, ids in enumerate(batches):
+        assert auto.train_step(ids) == fixed.train_step(ids)
+        assert auto.stats["landing_slots"] == (2 if i < 2 else 5), i
+    assert len(measured) == 1 and measured[0] is not None and all(v > 0 for v in measured[0])
+    assert fixed.stats["landing_slots"] == 2
+    assert auto.stats["peak_host_bytes"] - fixed.stats["peak_host_bytes"] == 3 * auto.engine.landing.slot_numel * 4
+    for k, v in fixed.state_tensors().items():
+        assert torch.equal(auto.state_tensors()[k], v), k
 
 
 def test_state_tensors_round_trip_reproduces_training():
@@ -362,8 +581,16 @@ def test_cuda_bf16_matches_cpu_fp32_engine(grad_clip):
 
 @pytest.mark.gpu
 def test_cuda_stream_accounting_and_depth():
+    import gc
+
     peaks = {}
+    trainer = None
     for layers in (4, 16):
+        # The previous trainer is freed before the next one exists, so nothing of it is alive
+        # when the next one's baseline is read (the engine also excludes whatever is).
+        del trainer
+        gc.collect()
+        torch.cuda.empty_cache()
         trainer = horizon.Trainer.from_config(_tiny(layers=layers), device="cuda", micro_batch_size=2,
                                               offload_checkpoints=True)
         sizes = {layer.key: layer.numel * 2 for layer in trainer.model.layers}
@@ -373,6 +600,230 @@ def test_cuda_stream_accounting_and_depth():
         assert trainer.stats["weight_bytes_h2d"] == 2 * (2 * blocks + sizes["embed"] + sizes["head"])
         peaks[layers] = trainer.stats["peak_device_bytes"]
     assert abs(peaks[16] - peaks[4]) <= 0.05 * peaks[4], peaks
+
+
+def test_cuda_peak_baseline_excludes_what_is_not_the_engines(monkeypatch):
+    """The CUDA peak's bookkeeping against a scripted allocator (the counters torch.cuda
+    keeps): a previous trainer's memory, alive when this engine is built and freed before or
+    during its step, must neither hide this step's memory nor count as this engine's."""
+    trainer = horizon.Trainer.from_config(_tiny(), device="cpu")
+    engine = trainer.engine
+    own = engine.device_ledger.current
+    assert own > 0
+    alloc = {"now": 0, "peak": 0}
+
+    def allocate(n):
+        alloc["now"] += n
+        alloc["peak"] = max(alloc["peak"], alloc["now"])
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: alloc["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: alloc["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: alloc.update(peak=alloc["now"]))
+    monkeypatch.setattr(engine, "_cuda", True)
+    old, step_bytes = 50 * own, 3 * own
+    allocate(old + own)  # the previous trainer, then this engine's persistent buffers
+    assert engine.peak_device_bytes() == own
+    allocate(-old)  # the previous trainer is freed before the first step
+    engine._begin_device_peak()
+    allocate(step_bytes)
+    allocate(-step_bytes)
+    engine._end_device_peak()
+    assert engine.peak_device_bytes() == own + step_bytes
+    allocate(old)  # someone else's memory, alive when the next step starts and freed during it
+    engine._begin_device_peak()
+    allocate(step_bytes // 3)
+    allocate(-old)
+    allocate(step_bytes // 3)
+    assert engine.peak_device_bytes() == own + step_bytes  # (mid-step: the running maximum)
+    allocate(-2 * (step_bytes // 3))
+    engine._end_device_peak()
+    assert engine.peak_device_bytes() == own + step_bytes
+    engine._begin_device_peak()
+    allocate(2 * step_bytes)
+    allocate(-2 * step_bytes)
+    engine._end_device_peak()
+    assert engine.peak_device_bytes() == own + 2 * step_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_clip", [None, 0.05])
+def test_cuda_step_synchronises_once(grad_clip):
+    """torch's own detector of synchronising CUDA calls: a step after the warm-up makes
+    exactly one (the loss and norm read), as `stats['host_syncs']` counts."""
+    import warnings
+
+    trainer = horizon.Trainer.from_config(_tiny(layers=3), device="cuda", micro_batch_size=2, grad_clip=grad_clip)
+    ids = torch.randint(0, VOCAB, (4, SEQ))
+    trainer.train_step(ids)
+    before = trainer.engine.host_syncs
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train_step(ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, syncs
+    assert trainer.engine.host_syncs - before == 1
+
+
+# ---------------------------------------------------------------- determinism (docs/determinism.md)
+
+
+def _pairwise(vals):
+    """Sum of a list of tensors as a binary tree in list order (1+2, 3+4, ..., then pairs)."""
+    while len(vals) > 1:
+        vals = [vals[i] + vals[i + 1] if i + 1 < len(vals) else vals[i] for i in range(0, len(vals), 2)]
+    return vals[0]
+
+
+def test_sorted_segment_sum_is_a_fixed_pairwise_tree_per_row():
+    from horizon.models.blocks import sorted_segment_sum_
+
+    g = torch.Generator().manual_seed(0)
+    V, H, n = 40, 5, 333
+    rows = torch.randint(0, V, (n,), generator=g)
+    rows[:37] = 7  # one row with many tokens (an odd count: uneven tree)
+    rows[-1] = V - 1  # one with one token
+    vals = torch.randn(n, H, generator=g)
+    acc = torch.randn(V, H, generator=g)
+    got = sorted_segment_sum_(acc.clone(), rows, vals)
+    want = acc.clone()
+    for r in rows.unique().tolist():
+        want[r] = acc[r] + _pairwise([vals[i] for i in range(n) if rows[i] == r])
+    assert torch.equal(got, want)  # bit for bit: the summation order is the documented one
+    ref = acc.double().index_add_(0, rows, vals.double())
+    assert _rel(got.double(), ref) < 1e-6
+    assert torch.equal(sorted_segment_sum_(acc.clone(), rows[:0], vals[:0]), acc)
+
+
+def test_embedding_gradient_on_cuda_is_the_segment_sum():
+    from horizon.models.blocks import EmbeddingTemplate, sorted_segment_sum_
+
+    class OnCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 9, (3, 11), generator=g)
+    gy = torch.randn(3, 11, 4, generator=g).bfloat16()
+    acc = torch.zeros(9, 4)
+    EmbeddingTemplate.weight_grad_(acc.as_subclass(OnCuda), ids, gy)
+    want = sorted_segment_sum_(torch.zeros(9, 4), ids.reshape(-1), gy.reshape(-1, 4).float())
+    assert torch.equal(acc, want)
+    cpu = EmbeddingTemplate.weight_grad_(torch.zeros(9, 4), ids, gy)  # the CPU keeps index_add_
+    assert _rel(cpu, want) < 1e-6
+
+
+def _math_attention(q, k, v):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("heads, kv_heads, native_gqa", [(4, 4, True), (4, 2, True), (6, 2, False)])
+def test_attention_backward_runs_in_deterministic_mode_only(monkeypatch, heads, kv_heads, native_gqa):
+    """The CUDA flash path's wiring, with the aten flash ops stood in for by a CPU version:
+    the backward op runs with torch's deterministic mode on and only then; grouped queries
+    go to the op as they are, or (a torch whose op refuses them) expanded and summed back."""
+    from horizon.kernels import attention
+
+    seen = {"bwd_det": [], "fwd_heads": []}
+
+    def fwd(q, k, v, dropout, causal, debug):
+        seen["fwd_heads"].append(k.shape[1])
+        if k.shape[1] != q.shape[1] and not native_gqa:
+            raise RuntimeError("number of heads in key/value must equal the query's")
+        out = _math_attention(q, k, v)
+        z = torch.zeros(())
+        return out, z, z, z, q.shape[2], k.shape[2], z, z, z
+
+    def bwd(dout, q, k, v, out, lse, cq, ck, mq, mk, dropout, causal, seed, offset):
+        seen["bwd_det"].append(torch.are_deterministic_algorithms_enabled())
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        with torch.enable_grad():
+            return torch.autograd.grad(_math_attention(qq, kk, vv), (qq, kk, vv), dout)
+
+    monkeypatch.setattr(attention, "_flash_fwd", fwd)
+    monkeypatch.setattr(attention, "_flash_bwd", bwd)
+    monkeypatch.setattr(attention, "flash_supported", lambda q, k: True)
+
+    class OnCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    g = torch.Generator().manual_seed(heads + kv_heads)
+    q, k, v = (torch.randn(2, h, 9, 16, generator=g) for h in (heads, kv_heads, kv_heads))
+    qs, ks, vs = (t.clone().as_subclass(OnCuda).requires_grad_() for t in (q, k, v))
+    out = attention.causal_attention(qs, ks, vs)
+    dout = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (qs, ks, vs), dout)
+    assert seen["bwd_det"] == [True] and not torch.are_deterministic_algorithms_enabled()
+    assert seen["fwd_heads"] == ([kv_heads] if native_gqa or heads == kv_heads else [kv_heads, heads])
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, is_causal=True, enable_gqa=heads != kv_heads)
+    want = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    assert _rel(out.detach(), ref.detach()) < 1e-5
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and _rel(a, b) < 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_attention_backward_is_bitwise_repeatable():
+    from horizon.kernels.attention import causal_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 8, 1024, 128, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(2, 2, 1024, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
+    dout = torch.randn(2, 8, 1024, 128, device="cuda", generator=g).bfloat16()
+    runs = []
+    for _ in range(3):
+        qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+        runs.append(torch.autograd.grad(causal_attention(qs, ks, vs), (qs, ks, vs), dout))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    ref = torch.autograd.grad(_math_attention(qf, kf, vf), (qf, kf, vf), dout.float())
+    for a, b in zip(runs[0], ref):
+        assert _rel(a.float(), b) < 2e-2
+
+
+def _tiny_moe():
+    cfg = _tiny(layers=2)
+    cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=16, num_experts=4,
+               num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=True,
+               decoder_sparse_step=1, intermediate_size=48)
+    return cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [_tiny(layers=3), _tiny_moe()], ids=["llama", "qwen3_moe"])
+def test_cuda_training_and_resume_are_bit_identical(cfg):
+    """Two CUDA runs from the same seed, and a run resumed from its state tensors, end in
+    the same bits (docs/determinism.md)."""
+    gen = torch.Generator().manual_seed(9)
+    batches = [torch.randint(0, VOCAB, (4, SEQ), generator=gen) for _ in range(4)]
+
+    def run(steps, start=None):
+        t = horizon.Trainer.from_config(cfg, seed=2, device="cuda", micro_batch_size=2, **HP)
+        if start is not None:
+            t.load_state_tensors({k: v.clone() for k, v in start[0].items()})
+            t.step = start[1]
+        losses = [t.train_step(ids) for ids in steps]
+        return losses, {k: v.clone() for k, v in t.state_tensors().items()}, t.step
+
+    full = run(batches)
+    again = run(batches)
+    half = run(batches[:2])
+    resumed = run(batches[2:], start=(half[1], half[2]))
+    assert full[0] == again[0] and full[0][2:] == resumed[0]
+    for k, v in full[1].items():
+        assert torch.equal(v, again[1][k]), k
+        assert torch.equal(v, resumed[1][k]), k
 
 
 class _NanGrad(torch.autograd.Function):

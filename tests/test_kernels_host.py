@@ -67,14 +67,19 @@ def _unaligned(t):
 # ---------------------------------------------------------------- rmsnorm
 
 
-@pytest.mark.parametrize("shape", [(37, 64), (5, 37), (2, 3, 40)])
+@pytest.mark.parametrize("shape", [(37, 64), (5, 37), (2, 3, 40), (41, 2400)])
 def test_rmsnorm_forward_and_backward(dev, shape):
+    """(41, 2400): 300 eight-wide columns per row, more than the block's 256 threads, so a
+    thread owns two column groups of the value-major dW accumulator; 41 rows over a grid of
+    4 blocks (2 SMs x the occupancy's 2): the row loop wraps."""
     H = shape[-1]
     x, w, dy = _bf(*shape, seed=H), _bf(H, seed=1) + 1, _bf(*shape, seed=2)
     xs, ws = fake(x).requires_grad_(), fake(w).requires_grad_()
     y = K.rms_norm(xs, ws, 1e-5)
     dx, dw = torch.autograd.grad(y, (xs, ws), fake(dy))
     assert launched(dev) == ["horizon_rmsnorm_fwd", "horizon_rmsnorm_bwd"]
+    rows = x.numel() // H
+    assert dev.launches[1][1] == (min(2 * 2, -(-rows // 4)),)  # SMs x occupancy, >= 4 rows a block
     want = norm.rms_norm_reference(x, w, 1e-5)
     assert not y.isnan().any()
     # bf16 output: the kernel's fp32 sum of squares runs in another order than torch's mean.

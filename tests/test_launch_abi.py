@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from horizon import moe, native
-from horizon.kernels import _common
+from horizon.kernels import _common, norm
 from horizon.kernels.moe import fused as moe_fused
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -76,15 +76,22 @@ class FakeCuda(torch.Tensor):
         return True
 
 
+cooperative_calls = []  # (kernel, cooperative) of every recorded launch
+
+
 @pytest.fixture
 def launches(monkeypatch):
     calls = []
     live = []
 
-    def record(kernel, grid, block, args, *, shared_mem=0, device=None):
+    def record(kernel, grid, block, args, *, shared_mem=0, device=None, cooperative=False):
         calls.append((kernel, tuple(grid), tuple(block), list(args)))
+        cooperative_calls.append((kernel, cooperative))
 
+    cooperative_calls.clear()
     monkeypatch.setattr(native, "launch", record)
+    monkeypatch.setattr(moe_fused, "_occupancy", lambda kernel, index: 3)
+    monkeypatch.setattr(norm, "_bwd_blocks_per_sm", lambda H, index: 3)
     monkeypatch.setattr(native, "can_launch", lambda t, k: k in SIGS)
     monkeypatch.setattr(_common, "device_sms", lambda t: 4)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"multi_processor_count": 4})())
@@ -148,6 +155,7 @@ def test_layer_kernel_launches_match_their_signatures(launches):
         K.all_finite(t)
     K.accumulate_grad_(fake(torch.zeros(17)), fake(torch.randn(17, generator=g).bfloat16()), 0.5)
 
+    assert not any(c for _, c in cooperative_calls)
     made = {c[0] for c in calls}
     for kernel in ("horizon_rmsnorm_fwd", "horizon_rmsnorm_bwd", "horizon_swiglu_fwd", "horizon_swiglu_bwd",
                    "horizon_rope", "horizon_sq_norm_partial_f32", "horizon_sq_norm_partial_bf16",
@@ -174,3 +182,21 @@ def test_flash_moe_launches_match_their_signatures(launches, monkeypatch):
     made = [c[0] for c in calls]
     assert "horizon_flash_moe_fwd" in made and "horizon_flash_moe_bwd" in made
     _check(calls)
+    # The persistent kernels (blocks that wait for each other) launch cooperatively with the
+    # occupancy query's grid (4 SMs x 3 here); every other kernel plainly.
+    for (kernel, grid, _, _), (_, cooperative) in zip(calls, cooperative_calls):
+        persistent = kernel in (moe_fused.KERNEL, moe_fused.BWD_KERNEL)
+        assert cooperative == persistent, kernel
+        if persistent:
+            assert grid == (12,), (kernel, grid)
+
+
+def test_only_the_persistent_kernels_wait_for_other_blocks():
+    """The kernels whose source waits for other blocks (a grid barrier or a bounded wait) are
+    exactly the ones the Python side launches cooperatively."""
+    waiting = set()
+    for f in sorted((ROOT / "cuda").rglob("*.cu")):
+        src = re.sub(r"//[^\n]*", "", f.read_text())
+        if re.search(r"\b(grid_barrier|block_wait_at_least|wait_at_least)\s*\(", src):
+            waiting |= set(re.findall(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)', src))
+    assert waiting == {moe_fused.KERNEL, moe_fused.BWD_KERNEL}

@@ -277,6 +277,25 @@ def test_gpu_kernel_state_matches_torch_twin(T, H, I, E, k, cf, skew):
 
 
 @pytest.mark.gpu
+def test_gpu_cooperative_launch_fits_an_oversized_grid(monkeypatch):
+    """A grid four times what can be resident: the cooperative launch is refused as too large
+    and retried halved until it fits (never started partly, so no wait hangs); each output
+    element has one writer whatever the grid, so the results are the same bits."""
+    x, wr, w1, w3, w2 = _exact_router_inputs(333, 136, 88, 8, seed=5, skew=False)
+    dy = torch.randn(333, 136, device="cuda").bfloat16()
+    st = moe_fused.forward_kernel(x, wr, w1, w3, w2, 2, True, None)
+    want = (st.y, *moe_fused.backward_kernel(st, dy, None, x, wr, w1, w3, w2, 2, True))
+    fits = moe_fused.blocks_per_sm(moe_fused.KERNEL, x), moe_fused.blocks_per_sm(moe_fused.BWD_KERNEL, x)
+    monkeypatch.setattr(moe_fused, "blocks_per_sm", lambda kernel, t: 4 * fits[kernel == moe_fused.BWD_KERNEL])
+    st2 = moe_fused.forward_kernel(x, wr, w1, w3, w2, 2, True, None)
+    got = (st2.y, *moe_fused.backward_kernel(st2, dy, None, x, wr, w1, w3, w2, 2, True))
+    torch.cuda.synchronize()
+    moe_fused.check_status()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("T,H,I,E,k,cf,skew", GPU_CASES[:4])
 def test_gpu_flash_moe_gradients(T, H, I, E, k, cf, skew):
     ins = _exact_router_inputs(T, H, I, E, seed=7 * T + E, skew=skew)
@@ -526,13 +545,15 @@ def test_backward_kernel_source_on_host_threads(host_bwd, T, H, I, E, k, cf, ren
         return torch.full(s, float("nan"), dtype=torch.bfloat16)
 
     outs = [nan(T, H), nan(E, H), nan(E, I, H), nan(E, I, H), nan(E, H, I)]
-    scratch = [nan(P, H), nan(T, Ep), nan(P, I), nan(P, I), nan(P, H), torch.zeros(E + 3, dtype=torch.int32),
-               torch.zeros((P + 63) // 64 + E, dtype=torch.int32)]
+    status = torch.zeros(3, dtype=torch.int32)
+    scratch = [nan(P, H), nan(T, Ep), nan(P, I), nan(P, I), nan(P, H), torch.zeros(E + 4, dtype=torch.int32),
+               torch.zeros((P + 63) // 64 + E, dtype=torch.int32), status]
     args = outs + [dy, dlogits, *ins, st.logits, st.tope, st.topw, st.slot, st.sorted, st.off, st.h, st.outp] + scratch
     args = [t.contiguous() for t in args]  # the host blocks write them in place
     ptrs = (ctypes.c_void_p * len(args))(*[t.data_ptr() for t in args])
-    ints = (ctypes.c_int * 7)(T, H, I, E, Ep, k, 1 if renorm else 0)
+    ints = (ctypes.c_int * 8)(T, H, I, E, Ep, k, 1 if renorm else 0, 60000)
     assert host_bwd.run_flash_moe_bwd(ptrs, ints, blocks) == 0
+    assert status.tolist() == [0, 0, 0]
     got = args[:5]
     emu = moe_fused.backward_emulate(st, dy, dlogits, *ins, k, renorm)
     fs = [t.float().requires_grad_() for t in ins]
@@ -542,6 +563,40 @@ def test_backward_kernel_source_on_host_threads(host_bwd, T, H, I, E, k, cf, ren
         assert not a.isnan().any(), name
         assert rel(a, b) < 1e-3, name  # same rounding points; fp32 order flips a few bf16 roundings
         assert rel(a, c) < 2e-2, name
+
+
+def test_gpu_moe_bench_counts_the_backward_flops_the_kernel_does(monkeypatch):
+    """benches/gpu_moe.py's backward FLOPs against a count of the useful multiply-adds of every
+    tile the kernel's transcription (backward_emulate: its tile list and tile shapes) runs."""
+    import importlib.util
+    import pathlib
+
+    benches = pathlib.Path(__file__).resolve().parent.parent / "benches"
+    monkeypatch.syspath_prepend(str(benches))
+    spec = importlib.util.spec_from_file_location("gpu_moe_bench", benches / "gpu_moe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    T, H, I, E, k = 64, 48, 40, 8, 2  # E a multiple of 8: the router operand has no padding
+    ins = _bwd_case(T, H, I, E, seed=1)
+    st = moe_fused.forward_torch(*ins, k, True, None)
+    assert int(st.off[-1]) == T * k  # every pair kept
+    counted = []
+    tile_mma = moe_fused._tile_mma
+
+    def extent(view, t0, trans, n):
+        limit = view.ncols if trans else view.nrows
+        return max(0, min(n, limit - t0))
+
+    def counting(A, at0, ta, B, bt0, tb, K, bm, bn):
+        counted.append(2 * extent(A, at0, ta, bm) * extent(B, bt0, tb, bn) * K)
+        return tile_mma(A, at0, ta, B, bt0, tb, K, bm, bn)
+
+    monkeypatch.setattr(moe_fused, "_tile_mma", counting)
+    dy = torch.randn(T, H, generator=torch.Generator().manual_seed(2))
+    moe_fused.backward_emulate(st, dy, None, *ins, k, True)
+    fwd, bwd = bench.flops_of(T, H, I, E, k)
+    assert sum(counted) == bwd
+    assert bwd == 16 * T * k * H * I + 4 * T * E * H and bwd != 2 * fwd
 
 
 def test_backward_kernel_and_emulation_validate():
@@ -589,8 +644,7 @@ def test_forward_kernel_source_on_host_threads(host_moe, monkeypatch, T, H, I, E
     y of the fp32 reference on the same bf16 values. Outputs and scratch start NaN-poisoned."""
     import hostbuild
 
-    host_moe.patch(monkeypatch, sms=sms)
-    monkeypatch.setattr(moe_fused, "_BLOCKS_PER_SM", bps)
+    host_moe.patch(monkeypatch, sms=sms, blocks_per_sm=bps)
     ins = _bwd_case(T, H, I, E, seed=T + E, dtype=torch.bfloat16, exact=True)
     cap = moe.capacity_of(cf, T, k, E)
     want = moe_fused.forward_torch(*ins, k, renorm, cap)
@@ -600,8 +654,10 @@ def test_forward_kernel_source_on_host_threads(host_moe, monkeypatch, T, H, I, E
     if cf is not None:
         assert int(want.off[-1]) < T * k  # capacity dropped pairs
     host_moe.launches.clear()
+    host_moe.cooperative.clear()
     got = moe_fused.forward_kernel(*(hostbuild.fake(t) for t in ins), k, renorm, cap)
-    assert host_moe.launches == [("horizon_flash_moe_fwd", (sms * bps,), (128,), 0)]
+    assert host_moe.launches == [("horizon_flash_moe_fwd", (sms * bps,), (256,), 0)]
+    assert host_moe.cooperative == [True]
     assert torch.equal(got.logits, want.logits)
     assert torch.equal(got.tope, want.tope)
     assert torch.equal(got.slot, want.slot)
@@ -618,6 +674,36 @@ def test_forward_kernel_source_on_host_threads(host_moe, monkeypatch, T, H, I, E
     assert rel(got.y, yr) < 2e-2
 
 
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_a_grid_that_is_not_resident_gives_up_and_says_so(host_moe, monkeypatch, which):
+    """Both kernels' waits are bounded: launched with one block that never starts (what a plain
+    launch may meet beside another persistent kernel, under MPS or green contexts), the launch
+    returns after the limit instead of hanging, and the next check raises a clear error."""
+    import hostbuild
+
+    T, H, I, E, k = 40, 16, 24, 4, 2
+    host_moe.patch(monkeypatch, sms=2, blocks_per_sm=2)
+    ins = [hostbuild.fake(t) for t in _bwd_case(T, H, I, E, seed=3, dtype=torch.bfloat16, exact=True)]
+    if which == "backward":
+        st = moe_fused.forward_kernel(*ins, k, True, None)  # all blocks resident: a good state
+        moe_fused.check_status()
+    monkeypatch.setattr(moe_fused, "_SPIN_LIMIT_MS", 300)
+    host_moe.resident = 3  # of a grid of 4
+    try:
+        if which == "forward":
+            moe_fused.forward_kernel(*ins, k, True, None)
+        else:
+            dy = hostbuild.fake(torch.randn(T, H, generator=torch.Generator().manual_seed(4)).bfloat16())
+            moe_fused.backward_kernel(st, dy, None, *ins, k, True)
+    finally:
+        host_moe.resident = None
+    kernel = moe_fused.KERNEL if which == "forward" else moe_fused.BWD_KERNEL
+    assert host_moe.launches[-1][:2] == (kernel, (4,)) and host_moe.cooperative[-1]
+    with pytest.raises(HorizonError, match=f"{kernel}.*waited over 300 ms.*not all resident"):
+        moe_fused.check_status()
+    moe_fused.check_status()  # reported once: the next launches start clean
+
+
 @pytest.mark.parametrize("T,H,I,E,k,cf,renorm,sms,bps", HOST_FWD_CASES[:3])
 def test_flash_moe_kernels_end_to_end_on_host_threads(host_moe, monkeypatch, T, H, I, E, k, cf, renorm, sms, bps):
     """horizon.moe.flash_moe down its CUDA path (forward kernel, then the backward kernel from
@@ -625,12 +711,12 @@ def test_flash_moe_kernels_end_to_end_on_host_threads(host_moe, monkeypatch, T, 
     through the reference on the same bf16 values."""
     import hostbuild
 
-    host_moe.patch(monkeypatch, sms=sms)
-    monkeypatch.setattr(moe_fused, "_BLOCKS_PER_SM", bps)
+    host_moe.patch(monkeypatch, sms=sms, blocks_per_sm=bps)
     monkeypatch.delenv("HORIZON_MOE_BWD", raising=False)
     ins = _bwd_case(T, H, I, E, seed=2 * T + E, dtype=torch.bfloat16, exact=True)
     kw = dict(top_k=k, renormalize=renorm, capacity_factor=cf, aux_loss_coef=0.01, z_loss_coef=0.001)
     host_moe.launches.clear()
+    host_moe.cooperative.clear()
     xs = [hostbuild.fake(t).requires_grad_() for t in ins]
     y, aux = flash_moe(*xs, **kw)
     dy = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).bfloat16()

@@ -2,7 +2,8 @@
 // forward:  y = bf16(w * bf16(x * r)), r = rsqrt(mean(x^2) + eps), r saved per row.
 // backward: dx = r * (g - xhat * mean(g * xhat)), g = dy * w, xhat = x * r;
 //           dW partial sums per block (fixed column ownership per thread, so no atomics; the
-//           host sums the [grid, H] partials in a fixed order: deterministic).
+//           host sums the [grid, H] partials in a fixed order: deterministic). The grid is
+//           sized by the occupancy query (as many blocks as fit at once, not 2 per SM).
 #include "common.cuh"
 
 namespace {
@@ -53,7 +54,10 @@ horizon_rmsnorm_fwd(bf16* __restrict__ y, float* __restrict__ rstd, const bf16* 
   }
 }
 
-// Dynamic shared memory: H floats (the block's dW accumulator).
+// Dynamic shared memory: H floats (the block's dW accumulator). On the 8-wide path thread t
+// owns columns 8v..8v+7 for v = t, t + blockDim, ... and keeps column 8v + j at dw_acc[j * nv + v]
+// (value-major): a warp's 32 accumulators of one j are 32 consecutive floats, one per bank (the
+// column-major layout dw_acc[8v + j] put 8 of them in each of 4 banks).
 extern "C" __global__ void __launch_bounds__(256)
 horizon_rmsnorm_bwd(bf16* __restrict__ dx, float* __restrict__ dw_part, const bf16* __restrict__ dy,
                     const bf16* __restrict__ x, const bf16* __restrict__ w, const float* __restrict__ rstd,
@@ -98,7 +102,7 @@ horizon_rmsnorm_bwd(bf16* __restrict__ dx, float* __restrict__ dw_part, const bf
         for (int j = 0; j < 8; ++j) {
           const float xh = a[j] * rs;
           o[j] = rs * (g[j] * ww[j] - xh * m);
-          dw_acc[8 * i + j] += g[j] * horizon::round_bf16(xh);
+          dw_acc[j * nv + i] += g[j] * horizon::round_bf16(xh);
         }
         horizon::Vec<bf16>::store(dxr + 8 * i, o);
       }
@@ -112,5 +116,21 @@ horizon_rmsnorm_bwd(bf16* __restrict__ dx, float* __restrict__ dw_part, const bf
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < H; i += blockDim.x) dw_part[(long long)blockIdx.x * H + i] = dw_acc[i];
+  float* out = dw_part + (long long)blockIdx.x * H;
+  if (vec) {
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+      float f[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) f[j] = dw_acc[j * nv + i];
+      if (horizon::aligned16(out + 8 * i)) {
+        horizon::Vec<float>::store(out + 8 * i, f);
+        horizon::Vec<float>::store(out + 8 * i + 4, f + 4);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) out[8 * i + j] = f[j];
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < H; i += blockDim.x) out[i] = dw_acc[i];
+  }
 }

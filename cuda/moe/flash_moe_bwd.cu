@@ -1,7 +1,8 @@
 // flash_moe backward: the whole MoE layer's gradient in one persistent launch (FLASHMOE.md,
 // "Backward"), driven by the routing state the forward (flash_moe.cu) left behind.
 //
-// Phases, separated by grid-wide barriers (the grid is sized by the caller to be co-resident):
+// Phases, separated by grid-wide barriers (the host launches the grid cooperatively, sized by
+// the occupancy query, so every block is resident; every wait is bounded, see moe_tiles.cuh):
 //   1. pairs   one warp per token: for each kept pair dw = <dy[t], out_pair> and the scaled
 //              gradient row dyp[pos] = w * dy[t] (bf16, by sorted position pos = off[e] + slot);
 //              the router backward of the token (through the optional renormalisation and
@@ -31,7 +32,7 @@
 // registers. Operands are "views" of row-major matrices, optionally with rows gathered through
 // `sorted`; a view is read either row-wise (tile row = matrix row, K along the row) or
 // transposed (tile row = matrix column, K down the rows: the weight-gradient reductions over
-// slots/tokens), the transpose done while staging into shared memory.
+// slots/tokens), staged k-major as loaded and transposed by ldmatrix.trans into fragments.
 // Data written earlier in this launch (dyp, dl, dg, du, dx_pair, rbp) is read with
 // ld.global.cg (L2), never through a possibly stale L1 line.
 #include "moe/moe_tiles.cuh"
@@ -73,9 +74,10 @@ struct Args {
   bf16* dg;          // scratch [P, I] by sorted position
   bf16* du;          // scratch [P, I] by sorted position
   bf16* dxp;         // scratch [P, H] by pair
-  int* meta;         // rbp[E+1], then counters: tile queue, grid barrier (zeroed)
+  int* meta;         // rbp[E+1], then counters: tile queue, grid barrier, abort (zeroed)
   int* ready;        // [row blocks] finished mid tiles (zeroed)
   int T, H, I, E, Ep, k, renorm;
+  Waits waits;
 };
 
 // ---------------------------------------------------------------- 1. pairs and router
@@ -228,26 +230,20 @@ static __device__ __forceinline__ void fetch2(const View& v, int t0, int k0, con
   }
 }
 
-// Writes a thread's two chunks into the K-contiguous shared tile s[row][k].
-template <bool TR>
-static __device__ __forceinline__ void stage2(bf16 (*s)[SK], const uint4& v0, const uint4& v1) {
+// Writes a thread's two chunks into the operand's shared slice: row-major (s.rk[row][k]) or,
+// transposed, k-major as loaded (s.kr[k][row]: 16-byte stores, 8 lanes per 128 contiguous
+// bytes, no bank conflicts; mma_slice reads it back with ldmatrix.trans).
+template <bool TR, int ROWS>
+static __device__ __forceinline__ void stage2(Stage<ROWS>& s, const uint4& v0, const uint4& v1) {
   const int tid = threadIdx.x;
   if constexpr (!TR) {
     const int r = tid >> 2, kv = (tid & 3) * 8;
-    *reinterpret_cast<uint4*>(&s[r][kv]) = v0;
-    *reinterpret_cast<uint4*>(&s[r + 32][kv]) = v1;
+    *reinterpret_cast<uint4*>(&s.rk[r][kv]) = v0;
+    *reinterpret_cast<uint4*>(&s.rk[r + 32][kv]) = v1;
   } else {
     const int kr = tid >> 3, c = (tid & 7) * 8;
-    const unsigned w0[4] = {v0.x, v0.y, v0.z, v0.w};
-    const unsigned w1[4] = {v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      // Little endian: the low half of each 32-bit word is the lower column.
-      *reinterpret_cast<unsigned short*>(&s[c + 2 * i][kr]) = (unsigned short)(w0[i] & 0xffffu);
-      *reinterpret_cast<unsigned short*>(&s[c + 2 * i + 1][kr]) = (unsigned short)(w0[i] >> 16);
-      *reinterpret_cast<unsigned short*>(&s[c + 2 * i][kr + 16]) = (unsigned short)(w1[i] & 0xffffu);
-      *reinterpret_cast<unsigned short*>(&s[c + 2 * i + 1][kr + 16]) = (unsigned short)(w1[i] >> 16);
-    }
+    *reinterpret_cast<uint4*>(&s.kr[kr][c]) = v0;
+    *reinterpret_cast<uint4*>(&s.kr[kr + 16][c]) = v1;
   }
 }
 
@@ -284,7 +280,7 @@ static __device__ void tile_mma(TileSmem& sm, const View& A, int at0, const View
     if constexpr (TWO) stage2<TB>(sm.B1, vc0, vc1);
     __syncthreads();
     if (k0 + BK < K) fetch(k0 + BK);
-    mma_slice<TWO>(sm, acc0, acc1);
+    mma_slice<TWO, TA, TB>(sm, acc0, acc1);
   }
 }
 
@@ -297,9 +293,6 @@ static __device__ __forceinline__ void zero(float (&acc)[2][4][4]) {
       for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.f;
 }
 
-static __device__ __forceinline__ void wait_ready(const int* flag, int target) {
-  while (*(volatile const int*)flag < target) __nanosleep(64);
-}
 
 // ---------------------------------------------------------------- 2. tiles
 
@@ -476,8 +469,9 @@ static __device__ __forceinline__ void row_block(const Args& a, int rb, int& e, 
 
 // Tiles come off one counter in increasing order, so a block walks the kinds in list order:
 // one loop per kind (one kind's code per loop also keeps ptxas's register allocation per
-// kind; a single loop over all kinds needed ~250 registers).
-static __device__ void tiles_phase(const Args& a, TileSmem& sm, int* tile_counter) {
+// kind; a single loop over all kinds needed ~250 registers). False when the launch gave up
+// waiting (see moe_tiles.cuh): the kernel returns.
+static __device__ bool tiles_phase(const Args& a, TileSmem& sm, int* tile_counter) {
   const int* rbp = a.meta;
   const long long R = ldcg_i(rbp + a.E);
   const long long nI = (a.I + BN - 1) / BN, nH = (a.H + BN - 1) / BN, nE = (a.E + BM - 1) / BM;
@@ -510,25 +504,26 @@ static __device__ void tiles_phase(const Args& a, TileSmem& sm, int* tile_counte
     const int rb = (int)(local / nH);
     int e, base, rows;
     row_block(a, rb, e, base, rows);
-    if (threadIdx.x == 0) {
-      wait_ready(a.ready + rb, (int)nI);
-      __threadfence();
-    }
-    __syncthreads();
+    if (!block_wait_at_least(a.ready + rb, (int)nI, a.waits)) return false;
     dx_tile(a, sm, e, base, rows, (int)(local % nH) * BN);
   }
   for (; tile < e_dw13; tile = next_tile(tile_counter)) {
     const long long local = tile - e_dx;
     const int e = (int)(local / (nH * nI));
     const long long rest = local % (nH * nI);
+    __shared__ int s_ok;
     if (threadIdx.x == 0) {
+      bool ok = true;
       const int r1 = ldcg_i(rbp + e + 1);
-      for (int rb = ldcg_i(rbp + e); rb < r1; ++rb) wait_ready(a.ready + rb, (int)nI);
+      for (int rb = ldcg_i(rbp + e); ok && rb < r1; ++rb) ok = wait_at_least(a.ready + rb, (int)nI, a.waits);
+      s_ok = ok;
       __threadfence();
     }
     __syncthreads();
+    if (!s_ok) return false;  // (rewritten only after next_tile's barriers)
     dw13_tile(a, sm, e, (int)(rest / nI) * BM, (int)(rest % nI) * BN);
   }
+  return true;
 }
 
 // ---------------------------------------------------------------- 3. combine
@@ -576,8 +571,9 @@ static __device__ void combine_phase(const Args& a, TileSmem& sm) {
 
 // Requirements (checked by the Python side): H % 8 == 0, I % 8 == 0, Ep = E rounded up to 8,
 // 1 <= k <= 8, E <= 256, 16-byte aligned contiguous tensors, the forward's state, zeroed
-// meta (E + 3 ints) and ready[] (>= row blocks), a co-resident grid (the caller launches 2
-// blocks per SM; the bounds ask ptxas for <= 168 registers, which it meets without spilling).
+// meta (E + 4 ints) and ready[] (>= row blocks), a cooperative launch (grid from the occupancy
+// query; the bounds ask ptxas for <= 168 registers, which it meets without spilling).
+// status: host-visible int[3] (see moe_tiles.cuh) or null; spin_limit_ms bounds every wait.
 extern "C" __global__ void __launch_bounds__(flash_moe_bwd::THREADS, 3)
 horizon_flash_moe_bwd(__nv_bfloat16* dx, __nv_bfloat16* dwr, __nv_bfloat16* dw1, __nv_bfloat16* dw3,
                       __nv_bfloat16* dw2, const __nv_bfloat16* dy, const float* dlogits, const __nv_bfloat16* x,
@@ -585,16 +581,17 @@ horizon_flash_moe_bwd(__nv_bfloat16* dx, __nv_bfloat16* dwr, __nv_bfloat16* dw1,
                       const __nv_bfloat16* w2, const float* logits, const int* tope, const float* topw,
                       const int* slot, const int* sorted, const int* off, const __nv_bfloat16* h,
                       const __nv_bfloat16* outp, __nv_bfloat16* dyp, __nv_bfloat16* dl, __nv_bfloat16* dg,
-                      __nv_bfloat16* du, __nv_bfloat16* dxp, int* meta, int* ready, int T, int H, int I, int E,
-                      int Ep, int k, int renorm) {
+                      __nv_bfloat16* du, __nv_bfloat16* dxp, int* meta, int* ready, int* status, int T, int H,
+                      int I, int E, int Ep, int k, int renorm, int spin_limit_ms) {
   namespace fb = flash_moe_bwd;  // qualified: the forward's anonymous-namespace names are visible here
   __shared__ fb::TileSmem smem;
+  int* counters = meta + E + 1;  // [0] tile queue, [1] grid barrier, [2] abort
   const fb::Args a{dx, dwr, dw1, dw3, dw2, dy, dlogits, x, wr, w1, w3, w2, logits, tope, topw, slot, sorted, off, h,
-                   outp, dyp, dl, dg, du, dxp, meta, ready, T, H, I, E, Ep, k, renorm};
-  int* counters = meta + E + 1;  // [0] tile queue, [1] grid barrier
+                   outp, dyp, dl, dg, du, dxp, meta, ready, T, H, I, E, Ep, k, renorm,
+                   fb::Waits{counters + 2, status, spin_limit_ms * 1000000LL, 2}};
   fb::pairs_phase(a);
-  fb::grid_barrier(counters + 1, 1);
-  fb::tiles_phase(a, smem, counters);
-  fb::grid_barrier(counters + 1, 2);
+  if (!fb::grid_barrier(counters + 1, 1, a.waits)) return;
+  if (!fb::tiles_phase(a, smem, counters)) return;
+  if (!fb::grid_barrier(counters + 1, 2, a.waits)) return;
   fb::combine_phase(a, smem);
 }

@@ -1,6 +1,7 @@
 //! The CUDA driver wrapper: finds the driver by dynamic load (never a crash when absent),
 //! describes the GPUs, loads the embedded fatbin once per context and launches its kernels on
-//! a raw stream handed in by the caller (torch's current stream). Also host-memory
+//! a raw stream handed in by the caller (torch's current stream), cooperatively for the
+//! persistent kernels. Also host-memory
 //! registration (`cuMemHostRegister`) for the arena.
 
 pub mod kernels;
@@ -197,6 +198,75 @@ pub fn launch(
     device: i32,
     args: &[KernelArg],
 ) -> Result<()> {
+    let f = prepare(name, shared_mem, device)?;
+    let mut cells = arg_cells(args);
+    let mut params: Vec<*mut c_void> = cells.iter_mut().map(|c| c as *mut u64 as *mut c_void).collect();
+    // SAFETY: the caller vouches for the pointers and the argument list of the kernel.
+    check(
+        unsafe { cu::launch_kernel(f, grid, block, shared_mem, stream as sys::CUstream, &mut params) },
+        &format!("launch of {name}"),
+    )
+}
+
+/// Grids (x) the driver refused as too large to be resident at once, per (context, kernel):
+/// later launches start from the largest that fitted.
+fn cooperative_limits() -> &'static Mutex<HashMap<(usize, String), u32>> {
+    static M: OnceLock<Mutex<HashMap<(usize, String), u32>>> = OnceLock::new();
+    M.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Launches `name` cooperatively (`cuLaunchCooperativeKernel`): the driver starts the grid only
+/// when all its blocks can be resident at once, so a persistent kernel whose blocks wait for
+/// each other (grid barriers) cannot hang on a block that never starts. A grid the driver
+/// refuses as too large (fewer SMs than the device has: MPS, green contexts) is halved until
+/// it fits: the persistent kernels work with any grid. Returns the grid (x) launched.
+pub fn launch_cooperative(
+    name: &str,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    shared_mem: u32,
+    stream: u64,
+    device: i32,
+    args: &[KernelArg],
+) -> Result<u32> {
+    let f = prepare(name, shared_mem, device)?;
+    let ctx = ensure_context(device)? as usize;
+    let dev = cu::device::get(device).map_err(|e| CudaError(format!("cuDeviceGet({device}): {e:?}")))?;
+    // SAFETY: reads one attribute of a valid device.
+    let coop = unsafe { cu::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH) }
+        .unwrap_or(0);
+    if coop == 0 {
+        return Err(CudaError(format!(
+            "{name} needs a cooperative launch (its blocks wait for each other), which device {device} does not support"
+        )));
+    }
+    let key = (ctx, name.to_string());
+    let limit = cooperative_limits().lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
+    let mut gx = limit.map_or(grid.0, |l| grid.0.min(l)).max(1);
+    let mut cells = arg_cells(args);
+    let mut params: Vec<*mut c_void> = cells.iter_mut().map(|c| c as *mut u64 as *mut c_void).collect();
+    loop {
+        // SAFETY: the caller vouches for the pointers and the argument list of the kernel.
+        let r = unsafe {
+            cu::launch_cooperative_kernel(f, (gx, grid.1, grid.2), block, shared_mem, stream as sys::CUstream, &mut params)
+        };
+        match r {
+            Ok(()) => return Ok(gx),
+            Err(cu::DriverError(sys::CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE)) if gx > 1 => {
+                gx /= 2;
+                cooperative_limits().lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), gx);
+            }
+            Err(e) => {
+                return Err(CudaError(format!(
+                    "cooperative launch of {name} with {gx} blocks of {} threads refused: {e:?}",
+                    block.0 * block.1 * block.2
+                )))
+            }
+        }
+    }
+}
+
+fn prepare(name: &str, shared_mem: u32, device: i32) -> Result<sys::CUfunction> {
     let f = function(name, device)?;
     if shared_mem > 48 * 1024 {
         // SAFETY: f is a valid function handle.
@@ -212,9 +282,12 @@ pub fn launch(
             "cuFuncSetAttribute(max dynamic shared memory)",
         )?;
     }
-    // Each argument lives in its own 8-byte cell; the driver reads the size it expects.
-    let mut cells: Vec<u64> = args
-        .iter()
+    Ok(f)
+}
+
+/// Each argument in its own 8-byte cell; the driver reads the size it expects.
+fn arg_cells(args: &[KernelArg]) -> Vec<u64> {
+    args.iter()
         .map(|a| match *a {
             KernelArg::Ptr(p) => p,
             KernelArg::I64(v) => v as u64,
@@ -222,13 +295,7 @@ pub fn launch(
             KernelArg::U32(v) => v as u64,
             KernelArg::F32(v) => v.to_bits() as u64,
         })
-        .collect();
-    let mut params: Vec<*mut c_void> = cells.iter_mut().map(|c| c as *mut u64 as *mut c_void).collect();
-    // SAFETY: the caller vouches for the pointers and the argument list of the kernel.
-    check(
-        unsafe { cu::launch_kernel(f, grid, block, shared_mem, stream as sys::CUstream, &mut params) },
-        &format!("launch of {name}"),
-    )
+        .collect()
 }
 
 /// Page-locks `[ptr, ptr+len)` for DMA (portable, never write-combined: the CPU reads it).
@@ -249,6 +316,8 @@ pub fn host_unregister(ptr: *mut u8) -> Result<()> {
 
 /// Blocks the calling (worker) thread until `event` (a raw `CUevent`/`cudaEvent_t`, e.g.
 /// torch's `Event.cuda_event`) has completed. Only this thread waits; the device goes on.
+/// The caller creates the event with `CU_EVENT_BLOCKING_SYNC` (torch: `Event(blocking=True)`):
+/// otherwise the driver spins this thread on a core until the event completes.
 pub fn event_synchronize(event: u64, device: i32) -> Result<()> {
     ensure_context(device)?;
     // SAFETY: the caller keeps the event alive until this returns.

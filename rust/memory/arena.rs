@@ -1,6 +1,6 @@
 //! The host arena: page-aligned anonymous mappings with transparent huge pages requested, bound
-//! to one NUMA node, pre-faulted by pinned threads, and page-locked (`cuMemHostRegister`) in
-//! chunks on request. A `HostRegion` owns one mapping; it is shared through `Arc` by everything
+//! to one NUMA node, pre-faulted by pinned threads, and page-locked (`cuMemHostRegister`) on
+//! request, each requested range as one registration (all of it pinned, or none of it). A `HostRegion` owns one mapping; it is shared through `Arc` by everything
 //! that views it (layer slabs, tensors exported to Python), and unmapped with the last holder.
 
 use crate::cpu::topology;
@@ -10,10 +10,6 @@ use std::sync::Mutex;
 /// Huge-page size on x86-64 and arm64 (4 KiB base pages); regions at least this large start on
 /// a multiple of it so the kernel can back them with huge pages from the first byte.
 pub const HUGE_PAGE: usize = 2 << 20;
-
-/// `cuMemHostRegister` works on chunks of this size: one failure does not lose the whole range,
-/// and no single driver call stalls for long.
-pub const PIN_CHUNK: usize = 256 << 20;
 
 const MPOL_BIND: libc::c_int = 2;
 
@@ -56,6 +52,12 @@ pub struct Placement {
     pub huge_pages_note: String,
     pub prefault_threads: usize,
     pub pinned_bytes: usize,
+    /// Page-locked ranges (each one `cuMemHostRegister` call: a copy within a range is one
+    /// DMA-able piece).
+    pub pinned_ranges: usize,
+    /// "not requested", "pinned", or "failed" (then `pin_note` says why: the range stays
+    /// pageable as a whole, never partly pinned).
+    pub pin_state: String,
     /// Why a requested pin did not happen (empty when all requested ranges are pinned).
     pub pin_note: String,
 }
@@ -204,7 +206,12 @@ impl HostRegion {
             }
         }
         let ptr = start as *mut u8;
-        let mut placement = Placement { numa_node: opts.numa_node, huge_pages_requested: opts.huge_pages, ..Default::default() };
+        let mut placement = Placement {
+            numa_node: opts.numa_node,
+            huge_pages_requested: opts.huge_pages,
+            pin_state: "not requested".into(),
+            ..Default::default()
+        };
         if opts.huge_pages {
             // SAFETY: advice on our own mapping.
             if unsafe { libc::madvise(ptr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) } != 0 {
@@ -251,49 +258,82 @@ impl HostRegion {
         self.placement.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Page-locks `[offset, offset+len)` (rounded out to whole pages) with `cuMemHostRegister`
-    /// in chunks, never write-combined. Err (and the region's pin note) says why not, e.g. no
-    /// driver; the memory stays usable, only unpinned.
+    /// Page-locks `[offset, offset+len)` (rounded out to whole pages) with one
+    /// `cuMemHostRegister` call, never write-combined, so a copy anywhere in it is a copy
+    /// from page-locked memory: a range pinned in pieces could fail (or silently stage) a copy
+    /// that crosses from one piece into memory a later piece failed to register. Err (and the
+    /// region's pin note and state) says why not, e.g. no driver; nothing of the range is
+    /// registered then, and the memory stays usable, pageable. A range inside an earlier
+    /// registration is already pinned; one that overlaps a registration partly is refused.
     pub fn pin(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
+        if !crate::cuda::driver_available() {
+            self.check_pin_range(offset, len)?;
+            if len == 0 {
+                return Ok(());
+            }
+            return Err(self.pin_failed("no CUDA driver: host memory stays pageable".into()));
+        }
+        self.pin_with(offset, len, &|ptr, n| crate::cuda::host_register(ptr, n).map_err(|e| e.to_string()))
+    }
+
+    fn check_pin_range(&self, offset: usize, len: usize) -> Result<(), MemoryError> {
         if offset.checked_add(len).is_none_or(|e| e > self.len) {
             return Err(MemoryError(format!("pin range {offset}+{len} outside the region of {} bytes", self.len)));
         }
+        Ok(())
+    }
+
+    fn pin_failed(&self, msg: String) -> MemoryError {
+        let mut p = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+        p.pin_note = msg.clone();
+        p.pin_state = "failed".into();
+        MemoryError(msg)
+    }
+
+    /// `pin` with the registration call given (the tests stand in for the driver).
+    pub(crate) fn pin_with(
+        &self,
+        offset: usize,
+        len: usize,
+        register: &dyn Fn(*mut u8, usize) -> Result<(), String>,
+    ) -> Result<(), MemoryError> {
+        self.check_pin_range(offset, len)?;
         if len == 0 {
             return Ok(());
         }
         let page = page_size();
         let start = offset / page * page;
         let end = (offset + len).div_ceil(page) * page;
-        let note = |msg: String| {
-            let mut p = self.placement.lock().unwrap_or_else(|p| p.into_inner());
-            p.pin_note = msg.clone();
-            MemoryError(msg)
-        };
-        if !crate::cuda::driver_available() {
-            return Err(note("no CUDA driver: host memory stays pageable".into()));
-        }
         let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
-        let mut at = start;
-        while at < end {
-            // Skip what an earlier call registered (overlapping registrations are refused).
-            if let Some(&(s, l)) = pinned.iter().find(|&&(s, l)| at >= s && at < s + l) {
-                at = s + l;
-                continue;
-            }
-            let next_pinned = pinned.iter().map(|&(s, _)| s).filter(|&s| s > at).min().unwrap_or(usize::MAX);
-            let chunk = (end - at).min(PIN_CHUNK).min(next_pinned - at);
-            // SAFETY: the chunk lies in our mapping, which outlives the registration (drop
-            // unregisters before unmapping).
-            if let Err(e) = crate::cuda::host_register(unsafe { self.ptr.add(at) }, chunk) {
-                drop(pinned);
-                return Err(note(format!("cuMemHostRegister failed at offset {at}: {e}")));
-            }
-            pinned.push((at, chunk));
-            at += chunk;
+        if pinned.iter().any(|&(s, l)| start >= s && end <= s + l) {
+            return Ok(()); // inside one earlier registration
         }
-        let total = pinned.iter().map(|&(_, l)| l).sum();
+        if let Some(&(s, l)) = pinned.iter().find(|&&(s, l)| start < s + l && s < end) {
+            drop(pinned);
+            return Err(self.pin_failed(format!(
+                "pin range [{start}, {end}) overlaps the registration [{s}, {}) partly: registrations cannot \
+                 overlap, and a range is pinned as one piece",
+                s + l
+            )));
+        }
+        // SAFETY: the range lies in our mapping, which outlives the registration (drop
+        // unregisters before unmapping).
+        if let Err(e) = register(unsafe { self.ptr.add(start) }, end - start) {
+            drop(pinned);
+            return Err(self.pin_failed(format!(
+                "cuMemHostRegister of {} bytes at offset {start} failed ({e}): that range stays pageable",
+                end - start
+            )));
+        }
+        pinned.push((start, end - start));
+        let (total, ranges) = (pinned.iter().map(|&(_, l)| l).sum(), pinned.len());
         drop(pinned);
-        self.placement.lock().unwrap_or_else(|p| p.into_inner()).pinned_bytes = total;
+        let mut p = self.placement.lock().unwrap_or_else(|p| p.into_inner());
+        p.pinned_bytes = total;
+        p.pinned_ranges = ranges;
+        if p.pin_state != "failed" {
+            p.pin_state = "pinned".into();
+        }
         Ok(())
     }
 
@@ -330,7 +370,8 @@ fn with_any_context(f: impl FnOnce()) {
 impl Drop for HostRegion {
     fn drop(&mut self) {
         let pinned = std::mem::take(&mut *self.pinned.lock().unwrap_or_else(|p| p.into_inner()));
-        if !pinned.is_empty() {
+        // Without a driver nothing was registered (only the tests' stand-in registrar records).
+        if !pinned.is_empty() && crate::cuda::driver_available() {
             with_any_context(|| {
                 for (s, _) in pinned {
                     // SAFETY: registered by pin(). A failure (the driver torn down at exit)
@@ -425,15 +466,76 @@ mod tests {
     fn pin_without_driver_says_why_and_out_of_range_is_refused() {
         let r = HostRegion::map(1 << 20, &RegionOptions::default()).unwrap();
         assert!(r.pin(r.len(), 1).is_err());
+        assert_eq!(r.placement().pin_state, "not requested");
         if !crate::cuda::driver_available() {
             let e = r.pin(0, 4096).err().unwrap();
             assert!(e.0.contains("driver"));
-            assert!(r.placement().pin_note.contains("driver"));
+            let p = r.placement();
+            assert!(p.pin_note.contains("driver") && p.pin_state == "failed");
             assert_eq!(r.pinned_bytes(), 0);
         } else {
             r.pin(0, r.len()).unwrap();
             assert_eq!(r.pinned_bytes(), r.len());
             r.pin(0, 4096).unwrap(); // already pinned: no double registration
+            assert_eq!((r.placement().pinned_ranges, r.placement().pin_state.as_str()), (1, "pinned"));
         }
+    }
+
+    /// A stand-in for cuMemHostRegister: records each call, fails the calls it is told to.
+    struct Registrar {
+        calls: Mutex<Vec<(usize, usize)>>,
+        fail_over: usize,
+    }
+
+    impl Registrar {
+        fn new(fail_over: usize) -> Self {
+            Registrar { calls: Mutex::new(Vec::new()), fail_over }
+        }
+        fn register(&self, p: *mut u8, n: usize) -> Result<(), String> {
+            self.calls.lock().unwrap().push((p as usize, n));
+            if n > self.fail_over {
+                Err("CUDA_ERROR_OUT_OF_MEMORY".into())
+            } else {
+                Ok(())
+            }
+        }
+        fn calls(&self) -> Vec<(usize, usize)> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    #[test]
+    fn a_range_is_registered_as_one_piece_whatever_its_size() {
+        // 600 MiB of address space (not touched): more than the old 256 MiB pieces.
+        let opts = RegionOptions { numa_node: None, huge_pages: false, prefault: false };
+        let r = HostRegion::map(600 << 20, &opts).unwrap();
+        let reg = Registrar::new(usize::MAX);
+        let base = r.as_ptr() as usize;
+        r.pin_with(100, r.len() - 200, &|p, n| reg.register(p, n)).unwrap();
+        assert_eq!(reg.calls(), vec![(base, r.len())]); // rounded out to whole pages, one call
+        let p = r.placement();
+        assert_eq!((p.pinned_bytes, p.pinned_ranges, p.pin_state.as_str()), (r.len(), 1, "pinned"));
+        r.pin_with(4096, 8192, &|p, n| reg.register(p, n)).unwrap(); // inside: nothing to do
+        assert_eq!(reg.calls().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_registration_leaves_nothing_pinned_and_says_why() {
+        let opts = RegionOptions { numa_node: None, huge_pages: false, prefault: false };
+        let r = HostRegion::map(8 << 20, &opts).unwrap();
+        let reg = Registrar::new(4 << 20); // refuses anything over 4 MiB
+        let e = r.pin_with(0, r.len(), &|p, n| reg.register(p, n)).unwrap_err();
+        assert!(e.0.contains("OUT_OF_MEMORY") && e.0.contains("pageable"), "{}", e.0);
+        assert_eq!(reg.calls().len(), 1); // one attempt for the whole range, no pieces left behind
+        let p = r.placement();
+        assert_eq!((r.pinned_bytes(), p.pinned_bytes, p.pinned_ranges), (0, 0, 0));
+        assert_eq!(p.pin_state, "failed");
+        assert!(p.pin_note.contains("OUT_OF_MEMORY"));
+        // A smaller range still pins; one that overlaps it partly is refused without a call.
+        r.pin_with(0, 2 << 20, &|p, n| reg.register(p, n)).unwrap();
+        assert_eq!(r.pinned_bytes(), 2 << 20);
+        let e = r.pin_with(1 << 20, 2 << 20, &|p, n| reg.register(p, n)).unwrap_err();
+        assert!(e.0.contains("overlaps"), "{}", e.0);
+        assert_eq!(reg.calls().len(), 2);
     }
 }

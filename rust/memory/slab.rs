@@ -68,10 +68,14 @@ impl LayerSlab {
         let region = HostRegion::map(at, opts)?;
         let slab = LayerSlab { region: Arc::new(region), numel, offsets };
         if pin && numel > 0 {
+            // G and W cross PCIe: one registration for both (all pinned or none).
             let first = slab.offset(Part::Grad).or(slab.offset(Part::WeightsBf16)).unwrap();
             let end = slab.offset(Part::WeightsBf16).unwrap() + numel * 2;
-            // A failure is recorded in the placement; the slab stays usable unpinned.
-            let _ = slab.region.pin(first, end - first);
+            if let Err(e) = slab.region.pin(first, end - first) {
+                // Recorded in the placement (pin_state "failed", pin_note: why), which the
+                // Python store reports; the slab stays usable, wholly pageable.
+                debug_assert!(slab.region.placement().pin_state == "failed", "{}", e.0);
+            }
         }
         Ok(slab)
     }

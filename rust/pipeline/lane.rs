@@ -1,4 +1,4 @@
-//! `Lane`: one worker thread running jobs in order (copies, AdamW hand-offs, accumulations).
+//! `Lane`: one worker thread running jobs in order (host copies, AdamW, markers).
 
 use crate::adam::{self, AdamW};
 use crate::pipeline::SlotRing;
@@ -38,6 +38,10 @@ pub enum Job {
     /// `skip_nonfinite`, a gradient holding NaN/Inf leaves the layer untouched (counted in
     /// the lane's `skipped`): the check runs here, so the device never waits on the host.
     /// `step` (1-based) and `grad_scale` are this step's; `hyper` the optimizer's.
+    /// `gate` (0 = none) points at an i32 the step writes (a device-to-host copy ordered
+    /// before the job's CUDA event, or a host write before the job was queued): 0 there
+    /// means the whole step is void (its loss was not finite), so the job changes nothing
+    /// (counted in the lane's `gated`).
     Adam {
         p: RawPtr,
         g: RawPtr,
@@ -49,6 +53,7 @@ pub enum Job {
         step: u64,
         grad_scale: f64,
         skip_nonfinite: bool,
+        gate: RawPtr,
     },
     /// Nothing: used to mark a point in the lane (e.g. "everything before is done").
     Marker,
@@ -58,7 +63,8 @@ pub struct Step {
     pub job: Job,
     /// Tickets (of any lane) to wait for before running.
     pub after: Vec<Ticket>,
-    /// A CUDA event (raw handle) to synchronise on before running, with its device.
+    /// A CUDA event (raw handle) to synchronise on before running, with its device; created
+    /// with blocking synchronisation, so the worker sleeps while it waits.
     pub cuda_event: Option<(u64, i32)>,
     /// A slot to return to its ring once the job is done.
     pub release: Option<(Arc<SlotRing>, usize)>,
@@ -77,6 +83,8 @@ pub struct LaneState {
     pub busy_ns: AtomicU64,
     /// AdamW jobs skipped because their gradient was not finite.
     pub skipped: AtomicU64,
+    /// AdamW jobs skipped because their gate said the step is void.
+    pub gated: AtomicU64,
 }
 
 impl LaneState {
@@ -123,6 +131,7 @@ impl Lane {
             shutdown: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
+            gated: AtomicU64::new(0),
         });
         let s = state.clone();
         let worker = std::thread::Builder::new()
@@ -214,6 +223,8 @@ fn execute(step: Step, lane: &LaneState) -> Result<(), String> {
         t.wait()?;
     }
     if let Some((event, device)) = step.cuda_event {
+        // A blocking-sync event (the submitter's contract): this thread sleeps, it does not
+        // spin a core the AdamW pool needs.
         crate::cuda::event_synchronize(event, device).map_err(|e| e.to_string())?;
     }
     // SAFETY (all arms): the submitter guarantees the buffers are live, large enough and not
@@ -223,10 +234,18 @@ fn execute(step: Step, lane: &LaneState) -> Result<(), String> {
             Job::Copy { dst, src, bytes } => {
                 std::ptr::copy_nonoverlapping(src.0 as *const u8, dst.0 as *mut u8, bytes);
             }
-            Job::Adam { p, g, m, v, w_bf16, n, hyper, step: t, grad_scale, skip_nonfinite } => {
+            Job::Adam { p, g, m, v, w_bf16, n, hyper, step: t, grad_scale, skip_nonfinite, gate } => {
+                let void = gate.0 != 0 && std::ptr::read_volatile(gate.0 as *const i32) == 0;
                 let g = std::slice::from_raw_parts(g.0 as *const f32, n);
-                if skip_nonfinite && !adam::all_finite(g) {
-                    lane.skipped.fetch_add(1, Ordering::Relaxed);
+                let counter = if void {
+                    Some(&lane.gated)
+                } else if skip_nonfinite && !adam::all_finite(g) {
+                    Some(&lane.skipped)
+                } else {
+                    None
+                };
+                if let Some(c) = counter {
+                    c.fetch_add(1, Ordering::Relaxed);
                     if let Some((ring, slot)) = step.release {
                         ring.release(slot)?;
                     }
@@ -298,6 +317,7 @@ mod tests {
                 step: 1,
                 grad_scale: 1.0,
                 skip_nonfinite: true,
+                gate: RawPtr(0),
             },
             after: vec![t1],
             cuda_event: None,
@@ -308,6 +328,45 @@ mod tests {
         assert!(p.iter().all(|&x| (x - 0.9).abs() < 1e-5), "{}", p[0]);
         assert_eq!(ring.free_count(), 1);
         drop(landing);
+    }
+
+    #[test]
+    fn a_closed_gate_voids_the_update_and_frees_the_slot() {
+        let opt = Lane::new("gate");
+        let ring = Arc::new(SlotRing::new(1));
+        let n = 64;
+        let g = vec![0.25f32; n];
+        let (mut p, mut m, mut v) = (vec![1f32; n], vec![0f32; n], vec![0f32; n]);
+        let hyper = AdamW::new(0.1, 0.9, 0.999, 1e-8, 0.0).unwrap();
+        for open in [0i32, 1] {
+            let gate = [open];
+            let slot = ring.try_acquire().unwrap();
+            let t = opt.submit(Step {
+                job: Job::Adam {
+                    p: RawPtr(p.as_mut_ptr() as usize),
+                    g: RawPtr(g.as_ptr() as usize),
+                    m: RawPtr(m.as_mut_ptr() as usize),
+                    v: RawPtr(v.as_mut_ptr() as usize),
+                    w_bf16: RawPtr(0),
+                    n,
+                    hyper,
+                    step: 1,
+                    grad_scale: 1.0,
+                    skip_nonfinite: true,
+                    gate: RawPtr(gate.as_ptr() as usize),
+                },
+                after: vec![],
+                cuda_event: None,
+                release: Some((ring.clone(), slot)),
+            });
+            t.wait().unwrap();
+            assert_eq!(ring.free_count(), 1);
+            let moved = p.iter().all(|&x| (x - 0.9).abs() < 1e-5);
+            let untouched = p.iter().all(|&x| x == 1.0) && m.iter().all(|&x| x == 0.0);
+            assert!(if open == 0 { untouched } else { moved }, "gate {open}: p[0] = {}", p[0]);
+        }
+        assert_eq!(opt.state.gated.load(Ordering::Relaxed), 1);
+        assert_eq!(opt.state.skipped.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -28,9 +28,11 @@ fn dims(t: &Bound<'_, PyAny>, what: &str) -> PyResult<(u32, u32, u32)> {
 
 /// Launches kernel `name` of the embedded fatbin on the raw CUDA stream `stream`.
 /// `args` is a sequence of `(kind, value)` with kind one of "ptr", "i32", "i64", "u32", "f32".
-/// Asynchronous: returns once the launch is queued.
+/// Asynchronous: returns once the launch is queued. `cooperative`: `cuLaunchCooperativeKernel`
+/// (all blocks resident at once; a grid too large for that is halved until it fits).
 #[pyfunction]
-#[pyo3(signature = (name, grid, block, shared_mem, stream, device, args))]
+#[pyo3(signature = (name, grid, block, shared_mem, stream, device, args, cooperative=false))]
+#[allow(clippy::too_many_arguments)]
 fn launch(
     name: &str,
     grid: &Bound<'_, PyAny>,
@@ -39,6 +41,7 @@ fn launch(
     stream: u64,
     device: i32,
     args: &Bound<'_, PyAny>,
+    cooperative: bool,
 ) -> PyResult<()> {
     let grid = dims(grid, "grid")?;
     let block = dims(block, "block")?;
@@ -59,7 +62,12 @@ fn launch(
         });
     }
     guard("launch", || {
-        cuda::launch(name, grid, block, shared_mem, stream, device, &kargs).map_err(|e| err(e.to_string()))
+        if cooperative {
+            cuda::launch_cooperative(name, grid, block, shared_mem, stream, device, &kargs).map(|_| ())
+        } else {
+            cuda::launch(name, grid, block, shared_mem, stream, device, &kargs)
+        }
+        .map_err(|e| err(e.to_string()))
     })
 }
 

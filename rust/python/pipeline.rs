@@ -67,7 +67,7 @@ impl PyTicket {
 }
 
 /// Worker lanes: `h2d` (weight copies on the CPU device), `d2h` (gradient landing copies)
-/// and `optimizer` (AdamW and accumulation into host gradient buffers).
+/// and `optimizer` (AdamW, from a landing slot or a slab's gradient buffer).
 #[pyclass(name = "Pipeline", module = "horizon._native", frozen)]
 pub struct PyPipeline {
     h2d: Lane,
@@ -137,8 +137,9 @@ impl PyPipeline {
 
     /// Queues AdamW over `n` fp32 elements on the optimizer lane (`w_bf16` = 0: no bf16 copy),
     /// with the hyper-parameters `hyper`, as step `step` (1-based), the gradient scaled by
-    /// `grad_scale`.
-    #[pyo3(signature = (p, g, m, v, w_bf16, n, *, hyper, step, grad_scale=1.0, skip_nonfinite=false, after=None, cuda_event=None, release=None))]
+    /// `grad_scale`; `gate` = address of an i32 that voids the update when 0 as the job runs
+    /// (0: none).
+    #[pyo3(signature = (p, g, m, v, w_bf16, n, *, hyper, step, grad_scale=1.0, skip_nonfinite=false, after=None, cuda_event=None, release=None, gate=0))]
     #[allow(clippy::too_many_arguments)]
     fn adam(
         &self,
@@ -155,6 +156,7 @@ impl PyPipeline {
         after: Option<Vec<PyRef<'_, PyTicket>>>,
         cuda_event: Option<(u64, i32)>,
         release: Option<(PyRef<'_, PySlotRing>, usize)>,
+        gate: usize,
     ) -> PyResult<PyTicket> {
         if n > 0 && (p == 0 || g == 0 || m == 0 || v == 0) {
             return Err(err("adam: null pointer"));
@@ -173,6 +175,7 @@ impl PyPipeline {
             step,
             grad_scale,
             skip_nonfinite,
+            gate: RawPtr(gate),
         };
         Ok(PyTicket { t: self.optimizer.submit(step_of(job, after, cuda_event, release)?) })
     }
@@ -188,6 +191,12 @@ impl PyPipeline {
     #[getter]
     fn skipped_updates(&self) -> u64 {
         self.optimizer.state.skipped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Seconds `lane`'s worker spent running jobs (the engine sizes its landing ring from the
+    /// optimizer lane's rate).
+    fn busy_seconds(&self, lane: &str) -> PyResult<f64> {
+        Ok(self.lane(lane)?.state.busy_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9)
     }
 }
 

@@ -63,8 +63,8 @@ def render(info: dict) -> str:
     elif hs:
         bind = f"bound to node {hs['numa_node']}" if hs.get("bound") else f"not bound ({hs.get('bind_note')})"
         huge = "huge pages requested" if hs.get("huge_pages_requested") else f"no huge pages ({hs.get('huge_pages_note')})"
-        pin = f"{hs.get('pinned_bytes', 0)} bytes pinned" if hs.get("pinned_bytes") else hs.get("pin_note") or "not pinned"
-        lines.append(f"host store     {bind}; {huge}; {pin}")
+        lines.append(f"host store     {bind}; {huge}")
+        lines.append(f"pinning        {pin_summary(hs)}")
     if info["cuda_driver_present"]:
         lines.append(f"CUDA driver    present, version {_driver(info['cuda_driver_version'])}")
     else:
@@ -83,6 +83,20 @@ def render(info: dict) -> str:
     if not info["kernel_archs"]:
         lines.append("  (no embedded kernels: GPU ops use their torch fallbacks)")
     return "\n".join(lines)
+
+
+def pin_summary(p: dict) -> str:
+    """What page-locking did to the probe region, from its placement: each buffer that
+    crosses PCIe is registered as one piece, so it is pinned whole or stays pageable whole."""
+    state = p.get("pin_state") or ("pinned" if p.get("pinned_bytes") else "not requested")
+    if state == "pinned":
+        n = p.get("pinned_ranges") or 1
+        return (f"ok: {p.get('pinned_bytes', 0) / 2**20:.1f} MiB page-locked as {n} registration{'s' * (n > 1)} "
+                "(buffers that cross PCIe are registered whole)")
+    if state == "failed":
+        return (f"failed: {p.get('pin_note') or 'unknown reason'} (host buffers stay pageable: copies to and from "
+                "the GPU are synchronous and slower)")
+    return "not requested"
 
 
 def _cpus(cpus: list) -> str:

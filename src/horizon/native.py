@@ -28,10 +28,12 @@ def can_launch(tensor, kernel: str) -> bool:
     return tensor.is_cuda and has_kernels() and kernel in kernel_names()
 
 
-def launch(kernel: str, grid, block, args, *, shared_mem: int = 0, device=None) -> None:
-    """Launches `kernel` on torch's current stream of `device` (no host synchronisation)."""
+def launch(kernel: str, grid, block, args, *, shared_mem: int = 0, device=None, cooperative: bool = False) -> None:
+    """Launches `kernel` on torch's current stream of `device` (no host synchronisation).
+    `cooperative`: all blocks resident at once, or the launch is refused (persistent kernels
+    whose blocks wait for each other)."""
     import torch
 
     dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
     stream = torch.cuda.current_stream(dev).cuda_stream
-    _native.launch(kernel, grid, block, shared_mem, stream, dev.index or 0, args)
+    _native.launch(kernel, grid, block, shared_mem, stream, dev.index or 0, args, cooperative=bool(cooperative))

@@ -265,6 +265,9 @@ class Trainer:
             "exposed_optimizer_seconds": e.exposed_optimizer_seconds,
             "exposed_weight_stream_seconds": float(getattr(e.stream, "wait_seconds", 0.0)),
             "skipped_steps": self._skipped_steps,
+            # Device -> host reads that wait for the device: one per step by design.
+            "host_syncs": e.host_syncs,
+            "landing_slots": e.landing.n_slots,
             # Counted by the Rust workers as they run: wait for the queued updates first.
             "skipped_layer_updates": self._landed_skips(),
         }

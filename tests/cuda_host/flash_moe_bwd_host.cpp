@@ -8,7 +8,7 @@
 
 #include "flash_moe_bwd_host_src.cu"  // the kernel file (copied by the test)
 
-// p: the kernel's 27 pointer arguments in order; n: its 7 int arguments; G blocks of 128
+// p: the kernel's 28 pointer arguments in order; n: its 8 int arguments; G blocks of 128
 // threads. Returns the number of failed blocks (deadlock or time limit).
 extern "C" int run_flash_moe_bwd(void** p, const int* n, int G) {
   using bf = __nv_bfloat16;
@@ -18,6 +18,6 @@ extern "C" int run_flash_moe_bwd(void** p, const int* n, int G) {
                           (const bf*)p[11], (const float*)p[12], (const int*)p[13], (const float*)p[14],
                           (const int*)p[15], (const int*)p[16], (const int*)p[17], (const bf*)p[18],
                           (const bf*)p[19], (bf*)p[20], (bf*)p[21], (bf*)p[22], (bf*)p[23], (bf*)p[24], (int*)p[25],
-                          (int*)p[26], n[0], n[1], n[2], n[3], n[4], n[5], n[6]);
+                          (int*)p[26], (int*)p[27], n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]);
   });
 }

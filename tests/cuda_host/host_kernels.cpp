@@ -68,9 +68,10 @@ const std::vector<Entry>& registry() {
 
 // Returns the number of failed blocks (deadlocked, or still running after limit_s seconds), or
 // -1: unknown kernel, -2: argument kinds differ from the signature (the expected kinds are
-// copied to `expect`, 64 bytes).
+// copied to `expect`, 64 bytes). Only the first `resident` blocks start (see launch()).
 extern "C" int horizon_host_launch(const char* name, unsigned grid, unsigned block, unsigned long long smem,
-                                   const char* kinds, const unsigned long long* vals, char* expect, double limit_s) {
+                                   const char* kinds, const unsigned long long* vals, char* expect, double limit_s,
+                                   unsigned resident) {
   for (const Entry& e : registry()) {
     if (strcmp(e.name, name) != 0) continue;
     if (e.kinds != kinds) {
@@ -78,7 +79,7 @@ extern "C" int horizon_host_launch(const char* name, unsigned grid, unsigned blo
       return -2;
     }
     std::vector<unsigned long long> v(vals, vals + e.kinds.size());
-    return horizon_host::launch(grid, block, (size_t)smem, [&] { e.call(v.data()); }, limit_s);
+    return horizon_host::launch(grid, block, (size_t)smem, [&] { e.call(v.data()); }, limit_s, resident);
   }
   return -1;
 }

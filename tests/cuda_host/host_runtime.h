@@ -4,8 +4,9 @@
 // device); inside a block, each CUDA thread is a fiber (ucontext) on that OS thread, switching
 // only at __syncthreads, warp collectives and __nanosleep, in an order shuffled every round. Shared memory is
 // the block's thread_local statics (see shim/cuda_bf16.h) plus a NaN-filled dynamic buffer.
-// Warp collectives (shuffles, match, vote, the mma.sync m16n8k16 of moe_tiles.cuh under
-// HORIZON_HOST_MMA) exchange through per-warp slots between two warp barriers.
+// Warp collectives (shuffles, match, vote, the mma.sync m16n8k16 and ldmatrix.trans of
+// moe_tiles.cuh under HORIZON_HOST_MMA) exchange through per-warp slots between two warp
+// barriers.
 //
 // Failure modes become a return code instead of a hang: a block whose fibers all wait on
 // barriers that cannot complete (a missing __syncthreads participant), or a launch still running
@@ -164,15 +165,18 @@ inline void run_block(unsigned bx, int nthreads, size_t dyn_smem, const std::fun
 }
 
 // Runs body() as grid x threads CUDA threads; returns the number of blocks that failed.
+// `resident` < grid starts only the first `resident` blocks (the others never get an SM: what
+// a persistent kernel meets when its grid is not co-resident); gridDim still says `grid`.
 inline int launch(unsigned grid, unsigned threads, size_t dyn_smem, const std::function<void()>& body,
-                  double limit_s = 120.0) {
+                  double limit_s = 120.0, unsigned resident = ~0u) {
   gridDim = dim3{grid, 1, 1};
   blockDim = dim3{threads, 1, 1};
   g_deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds((long long)(limit_s * 1000));
   g_failed = false;
-  std::vector<Status> st(grid, kOk);
+  const unsigned started = resident < grid ? resident : grid;
+  std::vector<Status> st(started, kOk);
   std::vector<std::thread> ts;
-  for (unsigned bx = 0; bx < grid; ++bx)
+  for (unsigned bx = 0; bx < started; ++bx)
     ts.emplace_back([&, bx] { run_block(bx, (int)threads, dyn_smem, body, &st[bx]); });
   for (auto& t : ts) t.join();
   int bad = 0;
@@ -188,6 +192,30 @@ inline void* dynamic_smem() {
 
 }  // namespace horizon_host
 
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 as the PTX ISA defines it: lane t supplies the
+// address of row t % 8 (8 b16 values) of matrix t / 8; with .trans each matrix is delivered
+// transposed, so lane t receives from matrix i the elements (row 2 (t % 4), column t / 4) and
+// (row 2 (t % 4) + 1, column t / 4), low half first, in d[i].
+void host_ldmatrix_x4_trans(unsigned (&d)[4], const void* row) {
+  using namespace horizon_host;
+  Warp& w = warp();
+  const int l = threadIdx.x % 32;
+  w.v[l] = reinterpret_cast<unsigned long long>(row);
+  wait(w.bar);
+  const int r0 = 2 * (l % 4), c = l / 4;
+  for (int i = 0; i < 4; ++i) {
+    const auto* lo = reinterpret_cast<const unsigned short*>(w.v[8 * i + r0]);
+    const auto* hi = reinterpret_cast<const unsigned short*>(w.v[8 * i + r0 + 1]);
+    d[i] = (unsigned)lo[c] | ((unsigned)hi[c] << 16);
+  }
+  wait(w.bar);
+}
+
+long long host_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 void __syncthreads() { horizon_host::wait(horizon_host::g_blk->bar); }
 void __syncwarp(unsigned) { horizon_host::wait(horizon_host::warp().bar); }
 
@@ -198,6 +226,15 @@ float __shfl_xor_sync(unsigned, float v, int o) {
 int __shfl_xor_sync(unsigned, int v, int o) {
   return horizon_host::collective<int>((unsigned)v,
                                        [o](const unsigned long long* s, int l) { return (int)(unsigned)s[l ^ o]; });
+}
+int __shfl_up_sync(unsigned, int v, unsigned d) {
+  return horizon_host::collective<int>((unsigned)v, [d](const unsigned long long* s, int l) {
+    return (int)(unsigned)s[l >= (int)d ? l - (int)d : l];
+  });
+}
+int __shfl_sync(unsigned, int v, int src) {
+  return horizon_host::collective<int>((unsigned)v,
+                                       [src](const unsigned long long* s, int) { return (int)(unsigned)s[src & 31]; });
 }
 unsigned __match_any_sync(unsigned, int v) {
   return horizon_host::collective<unsigned>((unsigned)v, [](const unsigned long long* s, int l) {

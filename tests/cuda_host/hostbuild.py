@@ -79,12 +79,15 @@ class HostKernels:
         lib.horizon_host_launch.restype = ctypes.c_int
         lib.horizon_host_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong,
                                             ctypes.c_char_p, ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_char_p,
-                                            ctypes.c_double]
+                                            ctypes.c_double, ctypes.c_uint]
         self.launches = []
+        self.cooperative = []  # per launch: whether the op asked for a cooperative launch
+        self.resident = None  # blocks that start (None: all; fewer: a grid not co-resident)
 
-    def run(self, kernel, grid, block, args, shared_mem=0, limit_s=120.0) -> int:
+    def run(self, kernel, grid, block, args, shared_mem=0, limit_s=120.0, resident=None) -> int:
         """Runs the kernel on the host; returns the number of blocks that deadlocked or ran
-        past limit_s (an unknown kernel or argument kinds that differ from its signature raise)."""
+        past limit_s (an unknown kernel or argument kinds that differ from its signature raise).
+        `resident`: only that many blocks start (gridDim still says grid)."""
         grid, block = tuple(grid), tuple(block)
         assert all(d == 1 for d in grid[1:]) and all(d == 1 for d in block[1:]), (kernel, grid, block)
         kinds = "".join(_KINDS[k] for k, _ in args)
@@ -97,24 +100,29 @@ class HostKernels:
         arr = (ctypes.c_ulonglong * max(1, len(vals)))(*vals)
         expect = ctypes.create_string_buffer(64)
         rc = self.lib.horizon_host_launch(kernel.encode(), grid[0], block[0], int(shared_mem), kinds.encode(), arr,
-                                          expect, float(limit_s))
+                                          expect, float(limit_s), 2**32 - 1 if resident is None else int(resident))
         self.launches.append((kernel, grid, block, shared_mem))
         assert rc != -1, f"{kernel}: not a kernel of this host build"
         assert rc != -2, f"{kernel}: launched with kinds {kinds}, the kernel takes {expect.value.decode()}"
         return rc
 
-    def launch(self, kernel, grid, block, args, shared_mem=0, device=None):
-        """native.launch's signature; runs the kernel on the host, raises on any failure."""
-        rc = self.run(kernel, grid, block, args, shared_mem)
+    def launch(self, kernel, grid, block, args, shared_mem=0, device=None, cooperative=False):
+        """native.launch's signature; runs the kernel on the host (all blocks run at once, as a
+        cooperative launch guarantees, unless `resident` says otherwise), raises on any failure."""
+        self.cooperative.append(bool(cooperative))
+        rc = self.run(kernel, grid, block, args, shared_mem, resident=self.resident)
         assert rc == 0, f"{kernel}: {rc} block(s) deadlocked or ran past the time limit"
 
-    def patch(self, monkeypatch, sms=2):
-        """Route the ops' kernel launches here, as on a device with `sms` SMs."""
+    def patch(self, monkeypatch, sms=2, blocks_per_sm=2):
+        """Route the ops' kernel launches here, as on a device with `sms` SMs on which the
+        occupancy query finds room for `blocks_per_sm` blocks of every kernel."""
         from horizon import native
-        from horizon.kernels import _common
+        from horizon.kernels import _common, moe_fused, norm
 
         props = type("P", (), {"multi_processor_count": sms})()
         monkeypatch.setattr(native, "launch", self.launch)
+        monkeypatch.setattr(moe_fused, "_occupancy", lambda kernel, index: blocks_per_sm)
+        monkeypatch.setattr(norm, "_bwd_blocks_per_sm", lambda H, index: blocks_per_sm)
         monkeypatch.setattr(native, "can_launch", lambda t, k: k in self.names)
         monkeypatch.setattr(_common, "sm_count", lambda index: sms)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)

@@ -2,13 +2,14 @@
 gradients -> host landing slots -> AdamW), over the Rust pipeline (`horizon._native.Pipeline`).
 
 On CUDA the copies run on their own H2D and D2H streams, ordered against torch's compute
-stream by events only; Rust worker threads wait on the D2H events (that thread alone) before
-they run AdamW. On the CPU device the Rust lanes make the copies, so the same ordering logic
-runs in every test.
+stream by events only; Rust worker threads wait on the D2H events (that thread alone; the
+events use blocking synchronisation, so the wait sleeps) before they run AdamW. On the CPU
+device the Rust lanes make the copies, so the same ordering logic runs in every test.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -135,7 +136,13 @@ class WeightStream:
 
 class GradientLanding:
     """Moves each layer's flat gradient off the device into a host landing slot and hands
-    it to a Rust worker: AdamW straight from the slot, or into the slab's gradient buffer."""
+    it to a Rust worker: AdamW straight from the slot, or into the slab's gradient buffer.
+
+    A device gradient is referenced here only until its copy has read it: on CUDA not at all
+    (`record_stream` keeps the caching allocator from reusing its memory before the copy
+    stream is past it), on the CPU device until the d2h lane's copy ticket is done (the lane
+    reads it through a raw pointer). What the AdamW jobs need until they have run (the
+    slab, the copy's CUDA event) is held per layer key until `wait(key)`."""
 
     def __init__(self, n_slots: int, slot_numel: int, device, *, pipeline=None):
         if n_slots < 1:
@@ -148,37 +155,105 @@ class GradientLanding:
         self._pipe = pipeline or default_pipeline()
         self._slots = [host_buffer(self.slot_numel, torch.float32) for _ in range(n_slots)]
         self._ring = _native.SlotRing(n_slots)
-        self._jobs: dict = {}
+        self._jobs: dict = {}  # key -> [(ticket, host-side objects the job needs)]
+        # Copies not known to be done, oldest first: [storage address, ticket or CUDA event,
+        # the device tensor (CPU device only; None on CUDA)].
+        self._inflight: collections.deque = collections.deque()
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self.bytes_d2h = 0
         self.wait_seconds = 0.0
+        self.adam_elements = 0  # elements handed to AdamW from the landing slots
+        # A 1-element int32 host tensor (or None): AdamW jobs queued while it is set read it
+        # when they run and change nothing if it holds 0 (see LayerMajorEngine._open_gate).
+        self.gate = None
+
+    @property
+    def n_slots(self) -> int:
+        return len(self._slots)
 
     @property
     def host_bytes(self) -> int:
         return sum(s.numel() * 4 for s in self._slots)
+
+    def resize(self, n_slots: int) -> None:
+        """Grows the ring to `n_slots` (never shrinks); waits for every queued job first."""
+        from ..store import host_buffer
+
+        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
+            raise HorizonError(f"landing slots must be an int >= 1, got {n_slots!r}")
+        if n_slots <= self.n_slots:
+            return
+        self.wait_all()
+        self._slots += [host_buffer(self.slot_numel, torch.float32) for _ in range(n_slots - self.n_slots)]
+        self._ring = _native.SlotRing(n_slots)
 
     @property
     def skipped_updates(self) -> int:
         """AdamW updates the workers skipped for non-finite gradients (process-wide pipeline)."""
         return int(self._pipe.skipped_updates)
 
+    @staticmethod
+    def _copied(marker) -> bool:
+        return marker.done if isinstance(marker, _native.Ticket) else marker.query()
+
+    def release_copied(self) -> None:
+        """Drops the references to device gradients whose copy has completed (the copies
+        complete in order: the d2h lane and the copy stream are FIFO)."""
+        while self._inflight and self._copied(self._inflight[0][1]):
+            self._inflight.popleft()
+
+    @property
+    def last_copy(self):
+        """The newest copy's completion marker (a Ticket on the CPU device, a CUDA event), or
+        None when every copy is known done."""
+        return self._inflight[-1][1] if self._inflight else None
+
+    def held_gradients(self) -> list:
+        """The device gradients this landing still references (their copies not yet seen done)."""
+        return [t for _, _, t in self._inflight if t is not None]
+
+    def before_reuse(self, buf: torch.Tensor) -> None:
+        """Orders a write into `buf` (a device buffer that was landed from) after the copy that
+        read it: on CUDA the current stream waits for the copy's event (no host wait); on the
+        CPU device the caller waits for the copy ticket."""
+        ptr = buf.untyped_storage().data_ptr()
+        marker = None
+        for p, m, _ in self._inflight:
+            if p == ptr:
+                marker = m  # the newest copy from this storage
+        if marker is None:
+            return
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_event(marker)
+        else:
+            marker.wait()
+        self.release_copied()
+
     def _copy_out(self, flat_grad: torch.Tensor, dst: torch.Tensor):
-        """Queues flat_grad -> dst (host). Returns (ticket or None, cuda_event or None, keepalive)."""
+        """Queues flat_grad -> dst (host). Returns (ticket, None) on the CPU device, (None,
+        cuda_event) on CUDA."""
+        self.release_copied()
         nbytes = flat_grad.numel() * 4
         self.bytes_d2h += nbytes
+        ptr = flat_grad.untyped_storage().data_ptr()
         if self._cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(ready)
                 dst.copy_(flat_grad, non_blocking=True)
-                done = torch.cuda.Event()
+                # A Rust worker thread waits on this event (cuEventSynchronize): with blocking
+                # synchronisation it sleeps instead of spinning a core that AdamW needs.
+                done = torch.cuda.Event(blocking=True)
                 done.record(self._stream)
-            # the compute stream may reuse flat_grad's memory only after the copy has read it
+            # The compute stream may reuse flat_grad's memory only after the copy has read it;
+            # nothing here keeps the tensor itself.
             flat_grad.record_stream(self._stream)
-            return None, done, (done, flat_grad)
+            self._inflight.append([ptr, done, None])
+            return None, done
         t = self._pipe.copy("d2h", dst.data_ptr(), flat_grad.data_ptr(), nbytes)
-        return t, None, (flat_grad,)
+        self._inflight.append([ptr, t, flat_grad])
+        return t, None
 
     def _check(self, flat_grad: torch.Tensor, slab) -> None:
         _check_flat(flat_grad, "flat gradient")
@@ -205,26 +280,28 @@ class GradientLanding:
         if slot is None:
             raise HorizonError("no free gradient landing slot (optimizer stalled?)")
         landing = self._slots[slot][: flat_grad.numel()]
-        ticket, ev, keep = self._copy_out(flat_grad, landing)
+        ticket, ev = self._copy_out(flat_grad, landing)
         t = self._pipe.adam(
             slab.master.data_ptr(), landing.data_ptr(), slab.exp_avg.data_ptr(), slab.exp_avg_sq.data_ptr(),
             slab.weights_bf16.data_ptr() if write_bf16 else 0, slab.numel,
             hyper=hyper, step=int(step), grad_scale=1.0, skip_nonfinite=bool(skip_nonfinite),
             after=[ticket] if ticket is not None else None, cuda_event=self._event_arg(ev),
-            release=(self._ring, slot),
+            release=(self._ring, slot), gate=0 if self.gate is None else self.gate.data_ptr(),
         )
-        # The job writes into the slab through raw pointers: keep it alive until waited.
-        self._jobs.setdefault(key, []).append((t, keep + (slab,)))
+        self.adam_elements += slab.numel
+        # The job writes into the slab through raw pointers, syncs on the event and reads the
+        # gate: all stay alive until waited.
+        self._jobs.setdefault(key, []).append((t, (ev, slab, self.gate)))
 
     def land_to_buffer(self, key, flat_grad, slab) -> None:
         """Async: gradient -> the slab's host gradient buffer (the clipping schedule)."""
         self._check(flat_grad, slab)
         if slab.grad is None:
             raise HorizonError("this layer's slab has no gradient buffer (created without with_grad)")
-        ticket, ev, keep = self._copy_out(flat_grad, slab.grad)
+        ticket, ev = self._copy_out(flat_grad, slab.grad)
         if ticket is None:  # CUDA: a marker job on the d2h lane that waits for the copy's event
             ticket = self._pipe.marker("d2h", cuda_event=self._event_arg(ev))
-        self._jobs.setdefault(key, []).append((ticket, keep + (slab,)))
+        self._jobs.setdefault(key, []).append((ticket, (ev, slab)))
 
     def update_from_buffer(self, key, slab, *, hyper, step, grad_scale, write_bf16) -> None:
         """Async AdamW from the slab's gradient buffer, after its landing, scaled by grad_scale."""
@@ -236,9 +313,6 @@ class GradientLanding:
         )
         self._jobs.setdefault(key, []).append((t, (slab,)))
 
-    def pending(self, key) -> bool:
-        return bool(self._jobs.get(key))
-
     def wait(self, key) -> None:
         jobs = self._jobs.pop(key, [])
         if not jobs:
@@ -249,7 +323,10 @@ class GradientLanding:
                 t.wait()
         finally:
             self.wait_seconds += time.perf_counter() - t0
+            self.release_copied()
 
     def wait_all(self) -> None:
         for key in list(self._jobs):
             self.wait(key)
+        # Every copy is done once the job after it is: nothing device-side is held now.
+        self.release_copied()

@@ -19,6 +19,7 @@ copy that AdamW writes when it is bf16.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +34,33 @@ from .pipeline import GradientLanding, WeightStream
 from .state import HostLayer, HostModel
 
 
+# The landing ring never grows past this many slots (each holds the largest layer's fp32
+# gradient in page-locked host memory).
+MAX_AUTO_LANDING_SLOTS = 8
+
+
+def landing_slots_needed(adam_s_per_layer: float, layer_s: float, *, cap: int) -> int:
+    """Landing slots so the step's thread does not wait for AdamW: one slot is being filled
+    while the others wait for (or are in) AdamW, which frees one every `adam_s_per_layer`
+    while the backward brings one every `layer_s`; at least 2, at most `cap`."""
+    if not (adam_s_per_layer > 0 and layer_s > 0):
+        return 2
+    return max(2, min(int(cap), math.ceil(adam_s_per_layer / layer_s) + 1))
+
+
+def _accumulate(acc: torch.Tensor, grad: torch.Tensor, *, first: bool) -> None:
+    """acc (fp32) = grad (first micro-batch: no zero-fill needed) or acc += grad."""
+    if first:
+        acc.copy_(grad)
+    else:
+        kernels.accumulate_grad_(acc, grad)
+
+
 @dataclass
 class StepResult:
     loss: float
     grad_norm: float | None
     skipped: bool
-    skipped_layer_updates: int
     tokens: int
 
 
@@ -89,14 +111,15 @@ class LayerMajorEngine:
         grad_clip: float | None,
         track_grad_norm: bool = True,
         n_slots: int = 2,
-        landing_slots: int = 2,
+        landing_slots: int | None = None,
         offload_checkpoints: bool | None = None,
         loss_chunk_size: int | None = None,
     ):
         if n_slots < 2:
             raise HorizonError(f"n_slots must be >= 2 (one layer computes while the next streams in), got {n_slots}")
-        if landing_slots < 1:
-            raise HorizonError(f"landing_slots must be >= 1, got {landing_slots}")
+        if landing_slots is not None and (isinstance(landing_slots, bool) or not isinstance(landing_slots, int)
+                                          or landing_slots < 1):
+            raise HorizonError(f"landing_slots must be None (auto) or an int >= 1, got {landing_slots!r}")
         self.model = model
         self.spec = model.spec
         self.device = device
@@ -108,25 +131,55 @@ class LayerMajorEngine:
         self.device_ledger = MemoryLedger()
         self.host_ledger = MemoryLedger()
 
-        if self._cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            self._cuda_base = torch.cuda.memory_allocated(device)
+        # CUDA: the peak is measured per step against a baseline read at the step's start
+        # (see _begin_device_peak), so memory of objects that are not this engine's (a previous
+        # trainer not yet freed, the caller's tensors) never counts.
+        self._cuda_base = None
+        self._cuda_peak = 0
 
         max_numel = max(layer.numel for layer in model.layers)
         # One pipeline (three worker lanes) per engine, so its counters are this engine's.
         self.pipeline = _native.Pipeline()
         self.stream = WeightStream(n_slots, max_numel, device, compute_dtype, pipeline=self.pipeline)
-        self.landing = GradientLanding(landing_slots, max_numel, device, pipeline=self.pipeline)
+        self.landing = GradientLanding(landing_slots or 2, max_numel, device, pipeline=self.pipeline)
         self.device_ledger.hold("weight-slots", self.stream.device_bytes)
         self.host_ledger.hold("slabs", model.host_bytes)
         self.host_ledger.hold("landing-slots", self.landing.host_bytes)
+
+        # The step's gradients accumulate in persistent fp32 device buffers: "wide" for the
+        # head and the embedding (never in use at once, except the tied embedding's, which is
+        # "wide" while the head's goes to the ring), and two that the blocks alternate, so a
+        # block computes while the previous block's gradient is still being copied out.
+        embed, blocks, head = model.layers[0], model.layers[1:-1], model.layers[-1]
+        tied = self.spec.tie_word_embeddings
+        ring = max([b.numel for b in blocks] + ([head.numel] if tied else []) + [1])
+        wide = embed.numel if tied else max(embed.numel, head.numel)
+        self._grad_bufs = {name: torch.empty(n, dtype=torch.float32, device=device)
+                           for name, n in (("wide", wide), ("ring0", ring), ("ring1", ring))}
+        self.device_ledger.hold("grad-buffers", tensor_bytes(list(self._grad_bufs.values())))
+        self._ring_turn = 0
+        # The loss gate of the no-clipping schedule: two host ints, alternating per step.
+        self._gates = torch.ones(2, dtype=torch.int32, pin_memory=self._cuda)
+        self._gate_turn = 0
+        self.host_syncs = 0  # device -> host reads that wait for the device (one per step)
+        self._ckpt_stores: dict = {}
+        self._offload_by_tokens: dict = {}
+        # Landing ring sizing (landing_slots=None): measured on a step, decided once.
+        self._landing_auto = landing_slots is None
+        self._steps_seen = 0
+        self._bwd_landings = 0
+        self._bwd_host = [0.0, 0.0]
+        self._bwd_events = ((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                            if self._cuda else None)
+        self._adam_busy0 = 0.0
+        self._adam_elems0 = 0
 
         if offload_checkpoints is None:
             offload_checkpoints = True if not self._cuda else None  # CUDA: decided per step by size
         self._offload_setting = offload_checkpoints
         self.layer_landings: dict = {}  # key -> landings in the last step (the once-per-step invariant)
         self.rotary = RotaryEmbedding(self.spec.rope)  # stateful for the dynamic / longrope types
+        self._rope_cache: dict = {}
 
     # ------------------------------------------------------------------ helpers
     def weight_source(self, layer: HostLayer) -> torch.Tensor:
@@ -139,8 +192,27 @@ class LayerMajorEngine:
 
     def peak_device_bytes(self) -> int:
         if self._cuda:
-            return max(0, torch.cuda.max_memory_allocated(self.device) - self._cuda_base)
+            return max(self._cuda_peak, self._step_device_peak())
         return self.device_ledger.peak
+
+    def _begin_device_peak(self) -> None:
+        """CUDA: a step's peak is measured against a baseline read at its start: what is
+        allocated then, less what this engine holds between steps (its ledger: the weight
+        slots and other persistent buffers). Read from the allocator's host-side counters
+        (no device synchronisation)."""
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda_base = torch.cuda.memory_allocated(self.device) - self.device_ledger.current
+
+    def _end_device_peak(self) -> None:
+        if self._cuda and self._cuda_base is not None:
+            self._cuda_peak = max(self._cuda_peak, self._step_device_peak())
+            self._cuda_base = None
+
+    def _step_device_peak(self) -> int:
+        if self._cuda_base is None:  # between steps: what the engine holds
+            return self.device_ledger.current
+        return max(0, torch.cuda.max_memory_allocated(self.device) - self._cuda_base)
 
     def peak_host_bytes(self) -> int:
         return self.host_ledger.peak
@@ -148,9 +220,13 @@ class LayerMajorEngine:
     def _offload(self, tokens: int) -> bool:
         if self._offload_setting is not None:
             return bool(self._offload_setting)
-        need = (self.spec.num_layers + 1) * tokens * self.spec.hidden_size * torch.empty((), dtype=self.dtype).element_size()
-        free, _total = torch.cuda.mem_get_info(self.device)
-        return need > free // 4
+        hit = self._offload_by_tokens.get(tokens)
+        if hit is None:  # decided once per batch size (the free memory is asked for once)
+            elem = torch.empty((), dtype=self.dtype).element_size()
+            need = (self.spec.num_layers + 1) * tokens * self.spec.hidden_size * elem
+            free, _total = torch.cuda.mem_get_info(self.device)
+            hit = self._offload_by_tokens[tokens] = need > free // 4
+        return hit
 
     def _hold_list(self, name, tensors) -> None:
         self.device_ledger.hold(name, tensor_bytes(tensors))
@@ -162,6 +238,13 @@ class LayerMajorEngine:
         labels unshifted, HF convention). `step` is the 1-based AdamW step number, `hyper` the
         AdamW hyper-parameters it runs with. `position_ids` [N, T] (CPU int64, validated):
         packed documents, see `models.positions`; None: one document per row."""
+        self._begin_device_peak()
+        try:
+            return self._step(input_ids, labels, micro_batch_size, step=step, hyper=hyper, position_ids=position_ids)
+        finally:
+            self._end_device_peak()
+
+    def _step(self, input_ids, labels, micro_batch_size, *, step, hyper, position_ids) -> StepResult:
         dev = self.device
         spec = self.spec
         layers = self.model.layers
@@ -175,15 +258,17 @@ class LayerMajorEngine:
         n_label_tokens = int((shifted != -100).sum())
         if n_label_tokens == 0:
             raise HorizonError("the batch has no label tokens (all labels are -100 after the shift)")
+        self._size_landing_ring()
         # Data parallel: this rank's contiguous share of the step's micro-batches (all of
         # them in a single process); the loss normaliser stays the whole batch's count.
         ids_all, lab_all = input_ids.split(micro_batch_size), shifted.split(micro_batch_size)
         mb_lo, mb_hi = self._micro_batch_share(len(ids_all))
-        ids_mb = [t.to(dev, non_blocking=True) for t in ids_all[mb_lo:mb_hi]]
-        lab_mb = [t.to(dev, non_blocking=True) for t in lab_all[mb_lo:mb_hi]]
+        ids_mb = [self._to_device(t) for t in ids_all[mb_lo:mb_hi]]
+        lab_mb = [self._to_device(t) for t in lab_all[mb_lo:mb_hi]]
+        n_mb = len(ids_mb)
         inv_tokens = 1.0 / n_label_tokens
-        rope = micro_batch_inputs(self.rotary, position_ids, seq, micro_batch_size, mb_lo, mb_hi, self.dtype, dev)
-        ckpts = ActivationStore(dev, self._offload(n_rows * seq), self.device_ledger, self.host_ledger)
+        rope = self._rope_inputs(position_ids, seq, micro_batch_size, mb_lo, mb_hi)
+        ckpts = self._checkpoints(n_rows * seq)
         # HF's load-balancing loss couples the MoE layers: E * sum_e f_e * P_e with f and P
         # averaged over all MoE layers and all tokens of the step. The forward gathers the
         # per-expert counts (constants) and probability sums; in the backward each layer's
@@ -201,6 +286,7 @@ class LayerMajorEngine:
         items += [(("bwd", b.key), b) for b in reversed(blocks)]
         streamer = _Streamer(self, items)
         self.layer_landings = {}
+        self._ring_turn = 0
 
         try:
             # ---- forward, layer-major, autograd off
@@ -239,13 +325,17 @@ class LayerMajorEngine:
                 tslot = streamer.acquire(("head-weight", embed.key))
                 tied_flat = tslot.detach().requires_grad_()
                 head_weight = embed.layout.views(tied_flat)["weight"]
-            head_acc = torch.zeros(head.numel, dtype=torch.float32, device=dev)
-            tied_acc = torch.zeros(embed.numel, dtype=torch.float32, device=dev) if tied else None
-            self.device_ledger.hold("head-acc", tensor_bytes([head_acc, tied_acc]))
+            # Persistent gradient buffers (no allocation per layer): the tied embedding's
+            # gradient collects the head weight's share now and the scatter's at the end.
+            if tied:
+                head_acc = self._grad_acc(self._next_ring(), head.numel, zero=n_mb == 0)
+                tied_acc = self._grad_acc("wide", embed.numel, zero=n_mb == 0)
+            else:
+                head_acc, tied_acc = self._grad_acc("wide", head.numel, zero=n_mb == 0), None
             grads_out = []
             loss_parts = []
             wrt = (head_flat,) if not tied else (head_flat, tied_flat)
-            for h, lab in zip(hidden, lab_mb):
+            for i, (h, lab) in enumerate(zip(hidden, lab_mb)):
                 h = h.detach().requires_grad_()
                 saved = SavedActivations([slot.untyped_storage().data_ptr(), h.untyped_storage().data_ptr()])
                 with torch.enable_grad(), saved.hooks():
@@ -254,9 +344,9 @@ class LayerMajorEngine:
                 self.device_ledger.transient(saved.nbytes)
                 g = torch.autograd.grad(scaled, (h,) + wrt)
                 grads_out.append(g[0])
-                kernels.accumulate_grad_(head_acc, g[1])
+                _accumulate(head_acc, g[1], first=i == 0)
                 if tied:
-                    kernels.accumulate_grad_(tied_acc, g[2])
+                    _accumulate(tied_acc, g[2], first=i == 0)
                 loss_parts.append(loss_sum.detach())
                 self._hold_list("grads-out", grads_out)
             g = scaled = loss_sum = None  # (a data-parallel rank may have had no micro-batch)
@@ -266,24 +356,23 @@ class LayerMajorEngine:
             self.device_ledger.drop("hidden")
             del hidden
 
-            # One host read per step: the loss decides whether the step happens at all.
+            # The loss stays on the device: it is read once, with the norm, at the end. Data
+            # parallel: the ranks' loss shares and router statistics add up here (a no-op in a
+            # single process), so every rank takes the same decision.
             loss_t = torch.stack(loss_parts).sum() * inv_tokens if loss_parts else torch.zeros((), device=dev)
-            # Data parallel: the ranks' loss shares and router statistics add up here (a
-            # no-op in a single process), so every rank takes the same decision below.
             self._sum_across_ranks_([loss_t] + ([route_counts, route_probs] if aux_coef else []))
             if aux_coef:
                 loss_t = loss_t + aux_scale * (route_counts * route_probs).sum()
-            loss = float(loss_t)
-            if not math.isfinite(loss):
-                streamer.abandon()
-                ckpts.clear()
-                self._drop_step_holdings()
-                return StepResult(loss, None, True, 0, n_rows * seq)
+            if self.grad_clip is None:
+                # Without clipping each layer's AdamW runs as it lands, before the loss is read:
+                # a gate the workers read (written before any landing copy completes) voids
+                # them all when the loss is not finite.
+                self._open_gate(loss_t)
 
             norms = []
-            skipped_layers = self._land(head, head_acc, norms, step=step, hyper=hyper)
+            self._bwd_mark(0)
+            self._land(head, head_acc, norms, step=step, hyper=hyper)
             del head_acc
-            self.device_ledger.hold("head-acc", tensor_bytes(tied_acc))
 
             # ---- backward, reverse layer-major: recompute each block from its checkpoint
             for i in range(len(blocks) - 1, -1, -1):
@@ -295,11 +384,10 @@ class LayerMajorEngine:
                 slot = streamer.acquire(key)
                 flat = slot.detach().requires_grad_()
                 views = b.layout.views(flat)
-                acc = torch.zeros(b.numel, dtype=torch.float32, device=dev)
-                self.device_ledger.hold("layer-acc", tensor_bytes(acc))
+                acc = self._grad_acc(self._next_ring(), b.numel, zero=n_mb == 0)
                 new_grads = []
                 moe_aux = aux_coef and b.defn.template.kind == "moe"
-                for x, gy, (cos, sin, kw) in zip(xs, grads_out, rope):
+                for j, (x, gy, (cos, sin, kw)) in enumerate(zip(xs, grads_out, rope)):
                     x = x.detach().requires_grad_()
                     saved = SavedActivations([slot.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()])
                     stats = [] if moe_aux else None
@@ -312,7 +400,7 @@ class LayerMajorEngine:
                     self.device_ledger.transient(saved.nbytes + tensor_bytes(y) + tensor_bytes(new_grads))
                     gx, gflat = torch.autograd.grad(outs, (x, flat), grads)
                     del y, outs
-                    kernels.accumulate_grad_(acc, gflat)
+                    _accumulate(acc, gflat, first=j == 0)
                     new_grads.append(gx)
                     del gflat
                 streamer.release(key)
@@ -320,41 +408,43 @@ class LayerMajorEngine:
                 del xs
                 grads_out = new_grads
                 self._hold_list("grads-out", grads_out)
-                skipped_layers += self._land(b, acc, norms, step=step, hyper=hyper)
-                self.device_ledger.drop("layer-acc")
+                self._land(b, acc, norms, step=step, hyper=hyper)
                 del acc
 
             # ---- embedding: a scatter of the gradient, no weights needed (tied: plus the head's)
-            eacc = tied_acc if tied else torch.zeros(embed.numel, dtype=torch.float32, device=dev)
-            self.device_ledger.hold("layer-acc", tensor_bytes(eacc))
+            eacc = tied_acc if tied else self._grad_acc("wide", embed.numel, zero=True)
             v, hdim = spec.vocab_size, spec.hidden_size
             ew = eacc[: v * hdim].view(v, hdim)
             for ids, gy in zip(ids_mb, grads_out):
                 embed.defn.template.weight_grad_(ew, ids, gy)
-            del grads_out
+            del grads_out, ew
             self.device_ledger.drop("grads-out")
-            skipped_layers += self._land(embed, eacc, norms, step=step, hyper=hyper)
+            self._land(embed, eacc, norms, step=step, hyper=hyper)
             self._flush_landings()
+            self._bwd_mark(1, landings=len(layers))
             del eacc, tied_acc
-            self.device_ledger.drop("layer-acc")
-            self.device_ledger.drop("head-acc")
 
-            # ---- the global norm (one host read) and, with clipping, the updates
-            grad_norm = None
-            if norms:
-                grad_norm = math.sqrt(float(self._sum_sq_norms(torch.stack(norms).double().sum())))
+            # ---- the one host read of the step: the loss and the global norm together
+            sq = self._sum_sq_norms(torch.stack(norms).double().sum()) if norms else None
+            read = self._host_read(torch.stack([loss_t.double()] + ([sq] if sq is not None else [])))
+            loss = read[0]
+            grad_norm = math.sqrt(read[1]) if sq is not None else None
+            if not math.isfinite(loss):
+                # Nothing was updated: the gate voided the workers' updates (no clipping), or
+                # the updates were never queued (clipping).
+                return StepResult(loss, grad_norm, True, n_rows * seq)
             if self.grad_clip is not None:
                 if not math.isfinite(grad_norm):
                     # Known before any update: the step is skipped as a whole.
                     for layer in layers:
                         self.landing.wait(layer.key)
-                    return StepResult(loss, grad_norm, True, 0, n_rows * seq)
+                    return StepResult(loss, grad_norm, True, n_rows * seq)
                 scale = min(1.0, self.grad_clip / (grad_norm + 1e-6))
                 for layer in layers:  # embedding first: the next forward needs it first
                     self.landing.update_from_buffer(
                         layer.key, layer.slab, hyper=hyper, step=step, grad_scale=scale, write_bf16=self.write_bf16,
                     )
-            return StepResult(loss, grad_norm, False, skipped_layers, n_rows * seq)
+            return StepResult(loss, grad_norm, False, n_rows * seq)
         except BaseException:
             # Leave the engine usable: no slot stays taken, no job stays unwaited.
             self._abort_landings()
@@ -363,6 +453,120 @@ class LayerMajorEngine:
             ckpts.clear()
             self._drop_step_holdings()
             raise
+        finally:
+            self.landing.gate = None
+
+    # ------------------------------------------------------------------ state kept across steps
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on the device; on CUDA through page-locked memory, so the copy is
+        asynchronous (from pageable memory CUDA synchronises the stream first)."""
+        if not self._cuda:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _rope_inputs(self, position_ids, seq: int, micro_batch_size: int, lo: int, hi: int) -> list:
+        """Per micro-batch (cos, sin, block keywords). Without packed documents and with a rotary
+        whose tables depend on the length alone (not dynamic / longrope, whose state follows the
+        batches seen), the tables of a length are computed once and kept (a few lengths)."""
+        if position_ids is not None or self.rotary.rope.rope_type in ("dynamic", "longrope"):
+            return micro_batch_inputs(self.rotary, position_ids, seq, micro_batch_size, lo, hi, self.dtype,
+                                      self.device)
+        hit = self._rope_cache.get(seq)
+        if hit is None:
+            hit = micro_batch_inputs(self.rotary, None, seq, micro_batch_size, 0, 1, self.dtype, self.device)[0]
+            if len(self._rope_cache) >= 4:
+                self._rope_cache.pop(next(iter(self._rope_cache)))
+            self._rope_cache[seq] = hit
+        return [hit] * (hi - lo)
+
+    def _checkpoints(self, tokens: int) -> ActivationStore:
+        offload = self._offload(tokens)
+        store = self._ckpt_stores.get(offload)
+        if store is None:  # one per placement, kept: its copy stream is made once
+            store = self._ckpt_stores[offload] = ActivationStore(self.device, offload, self.device_ledger,
+                                                                 self.host_ledger)
+        return store
+
+    def _next_ring(self) -> str:
+        name = ("ring0", "ring1")[self._ring_turn]
+        self._ring_turn ^= 1
+        return name
+
+    def _grad_acc(self, name: str, numel: int, *, zero: bool) -> torch.Tensor:
+        """The first `numel` elements of the persistent fp32 gradient buffer `name`, ordered
+        after the landing copy that last read it. Its content is stale unless `zero`: the
+        first micro-batch overwrites it (`_accumulate(first=True)`); the embedding's scatter
+        and a data-parallel rank without a micro-batch need it zeroed."""
+        buf = self._grad_bufs[name]
+        self.landing.before_reuse(buf)
+        acc = buf[:numel]
+        if zero:
+            acc.zero_()
+        return acc
+
+    def _open_gate(self, loss_t: torch.Tensor) -> None:
+        gate = self._gates[self._gate_turn : self._gate_turn + 1]
+        self._gate_turn ^= 1
+        gate.copy_(torch.isfinite(loss_t).to(torch.int32).reshape(1), non_blocking=True)
+        self.landing.gate = gate
+
+    def _host_read(self, t: torch.Tensor) -> list:
+        """The step's device -> host reads go through here (counted in `host_syncs`)."""
+        self.host_syncs += 1
+        return t.tolist()
+
+    # ------------------------------------------------------------------ the landing ring's size
+    def _bwd_mark(self, which: int, landings: int = 0) -> None:
+        """Times the backward (start: 0, end: 1), on the device's clock on CUDA."""
+        if self._cuda:
+            self._bwd_events[which].record(torch.cuda.current_stream(self.device))
+        else:
+            self._bwd_host[which] = time.perf_counter()
+        if which == 0:
+            self._adam_busy0 = self.pipeline.busy_seconds("optimizer")
+            self._adam_elems0 = self.landing.adam_elements
+        else:
+            self._bwd_landings = landings
+
+    def _landing_rates(self):
+        """(AdamW seconds per landed layer, backward seconds per layer) of the last step, or
+        None when not measurable without waiting for the device. Called once the last step's
+        AdamW jobs are done."""
+        if not self._bwd_landings:
+            return None
+        if self._cuda:
+            start, end = self._bwd_events
+            if not end.query():
+                return None
+            bwd_s = start.elapsed_time(end) * 1e-3
+        else:
+            bwd_s = self._bwd_host[1] - self._bwd_host[0]
+        elems = self.landing.adam_elements - self._adam_elems0
+        busy = self.pipeline.busy_seconds("optimizer") - self._adam_busy0
+        if elems <= 0 or bwd_s <= 0 or busy <= 0:
+            return None
+        return busy / self._bwd_landings, bwd_s / self._bwd_landings
+
+    def _size_landing_ring(self) -> None:
+        """Auto-sized landing ring: after the second step (the first is warm-up), from the
+        measured AdamW time per layer against the backward's time per layer, the ring grows
+        (once) to as many slots as AdamW falls behind in a step, so the step's thread does
+        not block on a slot while the device could go on. Only without clipping: with it the
+        gradients land in the slabs' own buffers."""
+        if not self._landing_auto or self.grad_clip is not None:
+            return
+        self._steps_seen += 1
+        if self._steps_seen < 3:
+            return
+        self._landing_auto = False  # decided once
+        self.landing.wait_all()  # the last step's AdamW jobs: their time is then all counted
+        rates = self._landing_rates()
+        if rates is None:
+            return
+        want = landing_slots_needed(*rates, cap=min(MAX_AUTO_LANDING_SLOTS, len(self.model.layers)))
+        if want > self.landing.n_slots:
+            self.landing.resize(want)
+            self.host_ledger.hold("landing-slots", self.landing.host_bytes)
 
     # ------------------------------------------------------------------ data-parallel hooks
     # A single process runs the defaults below; `engine.distributed.DataParallelEngine`
@@ -432,24 +636,23 @@ class LayerMajorEngine:
         pass
 
     def _drop_step_holdings(self) -> None:
-        for name in ("hidden", "grads-out", "head-acc", "layer-acc"):
+        for name in ("hidden", "grads-out"):
             self.device_ledger.drop(name)
 
-    def _land(self, layer: HostLayer, acc: torch.Tensor, norms: list, *, step, hyper) -> int:
+    def _land(self, layer: HostLayer, acc: torch.Tensor, norms: list, *, step, hyper) -> None:
         """Sends one layer's step gradient off the device (once per step). Without clipping,
         the Rust worker checks the landed gradient and skips a non-finite layer's update
         itself (counted in `landing.skipped_updates`), so the device never waits for a host
-        read here. Returns the number of updates known skipped now (always 0)."""
+        read here."""
         self.layer_landings[layer.key] = self.layer_landings.get(layer.key, 0) + 1
         if self.grad_clip is not None or self.track_grad_norm:
             norms.append(kernels.grad_sq_norm(acc))
         if self.grad_clip is not None:
             self.landing.land_to_buffer(layer.key, acc, layer.slab)
-            return 0
+            return
         self.landing.land_and_update(
             layer.key, acc, layer.slab, hyper=hyper, step=step, write_bf16=self.write_bf16, skip_nonfinite=True,
         )
-        return 0
 
     def wait_all(self) -> None:
         self.landing.wait_all()

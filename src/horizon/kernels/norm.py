@@ -3,6 +3,8 @@ reference (CPU path and oracle) and the CUDA kernels `horizon_rmsnorm_fwd/bwd` (
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import native
@@ -14,6 +16,22 @@ _BWD = "horizon_rmsnorm_bwd"
 _THREADS = 256
 # The backward kernel keeps one fp32 row of dW partial sums per block in shared memory.
 _MAX_SMEM_H = 24576
+# Rows per backward block at least (fewer blocks than the occupancy allows for small inputs:
+# each block adds an H-row of partials to sum).
+_MIN_ROWS_PER_BLOCK = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_blocks_per_sm(H: int, index: int) -> int:
+    """Backward blocks resident per SM with 4 H bytes of dynamic shared memory each (the
+    driver's occupancy query): the grid fills the GPU (the fixed 2 per SM gave 25%)."""
+    return max(1, int(native.max_active_blocks_per_sm(_BWD, _THREADS, 4 * H, index)))
+
+
+def bwd_grid(x: torch.Tensor, rows: int, H: int) -> int:
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    full = device_sms(x) * _bwd_blocks_per_sm(H, index)
+    return max(1, min(full, -(-rows // _MIN_ROWS_PER_BLOCK)))
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,7 +83,7 @@ class RMSNormFunction(torch.autograd.Function):
         rows = x.numel() // H if H else 0
         dy = dy.contiguous()
         if use_kernel(_BWD, dy, x, weight) and 0 < H <= _MAX_SMEM_H and rows > 0:
-            grid = max(1, min(rows, device_sms(x) * 2))
+            grid = bwd_grid(x, rows, H)
             dx = out_empty_like(x)
             dw_part = out_empty((grid, H), dtype=torch.float32, device=x.device)
             native.launch(

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels.attention import causal_attention
 from ..kernels.moe import flash_moe
 from .positions import attention_mask
 from .spec import ModelSpec
@@ -39,9 +40,44 @@ class EmbeddingTemplate:
 
     @staticmethod
     def weight_grad_(acc: torch.Tensor, input_ids: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """acc [V, H] (fp32) += d loss / d weight for this micro-batch."""
+        """acc [V, H] (fp32) += d loss / d weight for this micro-batch. On CUDA a sorted segment
+        sum (`sorted_segment_sum_`: the same bits every run); on the CPU `index_add_` (which
+        adds in token order there)."""
         rows = input_ids.reshape(-1)
-        return acc.index_add_(0, rows, grad_out.reshape(rows.numel(), -1).to(acc.dtype))
+        values = grad_out.reshape(rows.numel(), -1).to(acc.dtype)
+        if acc.is_cuda:
+            return sorted_segment_sum_(acc, rows, values)
+        return acc.index_add_(0, rows, values)
+
+
+def sorted_segment_sum_(acc: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """acc[r] += sum of values[i] over the i with rows[i] == r, deterministically and without a
+    host synchronisation: the pairs are sorted by row (stably: token order within a row), each
+    row's values are summed as a binary tree in that order (ceil(log2 n) rounds over all n
+    values, the same rounds whatever the data), and one index_add_ brings each row's sum in.
+    In that index_add_ every other value of a row is an exact zero, so the float atomics that
+    make index_add_ nondeterministic on CUDA have only one order-independent result."""
+    n = rows.numel()
+    if n == 0:
+        return acc
+    order = torch.argsort(rows, stable=True)
+    r = rows[order]
+    x = values[order]
+    idx = torch.arange(n, device=rows.device)
+    boundary = r[1:] != r[:-1]
+    first = torch.cat([boundary.new_ones(1), boundary])  # a row's first sorted position
+    last = torch.cat([boundary, boundary.new_ones(1)])  # ... and its last
+    start = torch.cummax(torch.where(first, idx, 0), 0).values
+    end = torch.cummin(torch.where(last, idx, n - 1).flip(0), 0).values.flip(0)
+    pos = idx - start  # place inside the row's run of the sorted values
+    step = 1
+    while step < n:
+        # Positions 0, 2s, 4s, ... of a run add the partial sum s places on, if it is in the run.
+        take = (pos[:-step] % (2 * step) == 0) & (idx[:-step] + step <= end[:-step])
+        x[:-step] += torch.where(take.unsqueeze(1), x[step:], torch.zeros((), dtype=x.dtype, device=x.device))
+        step *= 2
+    sums = torch.where(first.unsqueeze(1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return acc.index_add_(0, r, sums)
 
 
 def _attention_shapes(spec: ModelSpec) -> dict:
@@ -82,13 +118,8 @@ def _attention_residual(spec: ModelSpec, params: dict, x, cos, sin, window=None,
         q = kernels.rms_norm(q, params["self_attn.q_norm.weight"], eps)
         k = kernels.rms_norm(k, params["self_attn.k_norm.weight"], eps)
     q, k = kernels.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    gqa = spec.num_kv_heads != spec.num_heads
-    mask = attention_mask(t, window, doc_ids, x.device)
-    if mask is None:
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    else:
-        # CUDA too takes the dense boolean mask for now; a varlen kernel is future work.
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    # a deterministic backward on CUDA (kernels/attention.py); windows and packed documents as a mask
+    attn = causal_attention(q, k, v, attention_mask(t, window, doc_ids, x.device))
     attn = attn.transpose(1, 2).reshape(b, t, spec.num_heads * spec.head_dim)
     return x + F.linear(attn, params["self_attn.o_proj.weight"], p("self_attn.o_proj.bias"))
 

@@ -81,6 +81,8 @@ void __syncthreads();
 void __syncwarp(unsigned mask = 0xffffffffu);
 float __shfl_xor_sync(unsigned, float v, int o);
 int __shfl_xor_sync(unsigned, int v, int o);
+int __shfl_up_sync(unsigned, int v, unsigned d);
+int __shfl_sync(unsigned, int v, int src);
 unsigned __match_any_sync(unsigned, int v);
 int __any_sync(unsigned, int pred);
 void __nanosleep(unsigned);
@@ -93,6 +95,12 @@ static inline float rsqrtf(float v) { return 1.f / std::sqrt(v); }
 using std::isfinite;
 static inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 static inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+static inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 static inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-// Replaces the kernel's inline-PTX mma.sync.m16n8k16 (the test rewrites the asm statement).
+static inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+// %globaltimer: nanoseconds of the host's steady clock (host_runtime.h).
+long long host_now_ns();
+// Replace the kernels' inline PTX under HORIZON_HOST_MMA: mma.sync.m16n8k16 and
+// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 (host_runtime.h).
 void host_mma16816(float c[4], const unsigned a[4], const unsigned b[2]);
+void host_ldmatrix_x4_trans(unsigned (&d)[4], const void* row);

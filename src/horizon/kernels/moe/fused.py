@@ -15,10 +15,18 @@ points, in fp32 — it proves the kernel's decomposition on the CPU.
 Semantics are the reference's (reference.py), except that router logits are computed in fp32 from the
 bf16 operands (the reference rounds them to the input dtype first), so top-k ties go by the
 fp32 logits.
+
+Both kernels are persistent: their blocks wait for each other (grid barriers, tile
+dependencies), so they are launched cooperatively (all blocks resident at once, or the driver
+refuses; a refused grid is halved until it fits) with SMs x the occupancy query's blocks per
+SM. Every wait inside gives up after HORIZON_MOE_SPIN_LIMIT_MS (60 s) and the next launch, or
+`check_status()`, raises a HorizonError saying so: a misconfigured GPU stops a run, it does not
+hang it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -33,16 +41,65 @@ from . import reference as _moe
 KERNEL = "horizon_flash_moe_fwd"
 BWD_KERNEL = "horizon_flash_moe_bwd"
 _BACKWARDS = ("kernel", "torch", "emulate")  # emulate: backward_emulate (CPU, slow; tests)
-_THREADS = 128
+_THREADS = {"horizon_flash_moe_fwd": 256, "horizon_flash_moe_bwd": 128}  # (kernel constants)
 _CHUNK = 256  # pairs per placement chunk (kernel constant CHUNK)
-_BM = 64  # rows per tile (kernel constant BM)
+_BM = 64  # rows per tile of the backward (kernel constant BM); the forward's are 128
 _MAX_E = 256
 _MAX_K = 8
-# Blocks per SM for the persistent grids: the grid barriers need every block co-resident.
-# 128 threads; the forward uses ~156 registers and ~15 KiB of shared memory, the backward
-# <= 168 registers (its launch bounds ask for 3 blocks per SM) and ~31 KiB: 2 per SM always fit
-# on sm_80/sm_90, the conservative choice without an occupancy query.
-_BLOCKS_PER_SM = 2
+# Every wait inside the persistent kernels (grid barriers, tile dependencies) gives up after
+# this long, and the launch then reports it (see `check_status`) instead of hanging: generous,
+# since a legitimate wait lasts one phase of one launch.
+_SPIN_LIMIT_MS = int(os.environ.get("HORIZON_MOE_SPIN_LIMIT_MS", "60000"))
+
+
+@functools.lru_cache(maxsize=None)
+def _occupancy(kernel: str, index: int) -> int:
+    return int(native.max_active_blocks_per_sm(kernel, _THREADS[kernel], 0, index))
+
+
+def blocks_per_sm(kernel: str, x: torch.Tensor) -> int:
+    """Blocks of `kernel` that fit on one SM at once (the driver's occupancy query for its
+    registers and shared memory): the persistent grid is SMs x this, launched cooperatively,
+    so the driver refuses a grid that cannot be resident at once instead of letting its grid
+    barriers wait for blocks that never start."""
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    n = _occupancy(kernel, index)
+    if n < 1:
+        raise HorizonError(f"{kernel}: the occupancy query says no block fits on an SM ({n})")
+    return n
+
+
+def persistent_grid(kernel: str, x: torch.Tensor) -> int:
+    return device_sms(x) * blocks_per_sm(kernel, x)
+
+
+_STATUS: dict = {}
+_KERNEL_IDS = {1: KERNEL, 2: BWD_KERNEL}
+
+
+def _status_word(x: torch.Tensor) -> torch.Tensor:
+    """int32[3] in page-locked host memory (device-visible) where a launch that gave up waiting
+    leaves (code, block, kernel); one per device, cleared when reported."""
+    key = str(x.device)
+    t = _STATUS.get(key)
+    if t is None:
+        t = _STATUS[key] = torch.zeros(3, dtype=torch.int32, pin_memory=x.device.type == "cuda")
+    return t
+
+
+def check_status() -> None:
+    """Raises if an earlier flash_moe launch gave up at one of its waits (read from host memory:
+    no synchronisation; a launch still running is seen at a later check)."""
+    for key, t in _STATUS.items():
+        code, block, kernel = (int(v) for v in t.tolist())
+        if code:
+            t.zero_()
+            raise HorizonError(
+                f"{_KERNEL_IDS.get(kernel, 'flash_moe')} on {key}: block {block} waited over {_SPIN_LIMIT_MS} ms for "
+                "other blocks of its grid and the launch gave up: its blocks were not all resident at once (another "
+                "persistent kernel, e.g. NCCL's, MPS or green contexts limiting the SMs?). Its outputs are invalid; "
+                "HORIZON_MOE_SPIN_LIMIT_MS sets the limit"
+            )
 
 
 @dataclass
@@ -166,19 +223,22 @@ def forward_kernel(x, wr, w1, w3, w2, top_k, renormalize, cap) -> MoeState:
     slot = out_empty(P, **i32)
     sorted_ = torch.zeros(P, **i32)  # rows past the kept count stay 0 (a valid pair index)
     hist = out_empty(max(nchunks, 1) * E, **i32)
-    meta = torch.zeros(3 * E + 2 + 2, **i32)  # off[E+1], rbp[E+1], kept[E], tile ctr, barrier ctr
+    meta = torch.zeros(3 * E + 2 + 3, **i32)  # off[E+1], rbp[E+1], kept[E], tile ctr, barrier ctr, abort
     ready = torch.zeros(max_row_blocks, **i32)
     h = out_empty(P, I, dtype=x.dtype, device=dev)
     outp = out_empty(P, H, dtype=x.dtype, device=dev)
     y = out_empty(T, H, dtype=x.dtype, device=dev)
-    grid = device_sms(x) * _BLOCKS_PER_SM
+    check_status()
+    status = _status_word(x)
     native.launch(
         KERNEL,
-        (grid,),
-        (_THREADS,),
-        [("ptr", t.data_ptr()) for t in (y, x, wr, w1, w3, w2, logits, tope, topw, slot, sorted_, hist, meta, ready, h, outp)]
-        + [("i32", v) for v in (T, H, I, E, top_k, _capacity(cap, P), 1 if renormalize else 0)],
+        (persistent_grid(KERNEL, x),),
+        (_THREADS[KERNEL],),
+        [("ptr", t.data_ptr()) for t in (y, x, wr, w1, w3, w2, logits, tope, topw, slot, sorted_, hist, meta, ready, h,
+                                         outp, status)]
+        + [("i32", v) for v in (T, H, I, E, top_k, _capacity(cap, P), 1 if renormalize else 0, _SPIN_LIMIT_MS)],
         device=dev,
+        cooperative=True,
     )
     return MoeState(logits, tope, topw, slot, sorted_, meta[: E + 1], h, outp, y)
 
@@ -278,20 +338,23 @@ def backward_kernel(st: MoeState, dy, dlogits, x, wr, w1, w3, w2, top_k, renorma
     dg = out_empty(P, I, **bf)
     du = out_empty(P, I, **bf)
     dxp = out_empty(P, H, **bf)
-    meta = torch.zeros(E + 3, **i32)  # rbp[E+1], tile counter, barrier counter
+    meta = torch.zeros(E + 4, **i32)  # rbp[E+1], tile counter, barrier counter, abort
     ready = torch.zeros((P + _BM - 1) // _BM + E, **i32)
     state = [st.logits, st.tope, st.topw, st.slot, st.sorted, st.off, st.h, st.outp]
     for t in state:
         if not t.is_contiguous():
             raise HorizonError("flash_moe backward: the forward state must be contiguous")
-    ptrs = [dx, dwr, dw1, dw3, dw2, dy] + [dlogits] + [x, wr, w1, w3, w2] + state + [dyp, dl, dg, du, dxp, meta, ready]
+    check_status()
+    ptrs = ([dx, dwr, dw1, dw3, dw2, dy] + [dlogits] + [x, wr, w1, w3, w2] + state
+            + [dyp, dl, dg, du, dxp, meta, ready, _status_word(x)])
     native.launch(
         BWD_KERNEL,
-        (device_sms(x) * _BLOCKS_PER_SM,),
-        (_THREADS,),
+        (persistent_grid(BWD_KERNEL, x),),
+        (_THREADS[BWD_KERNEL],),
         [("ptr", 0 if t is None else t.data_ptr()) for t in ptrs]
-        + [("i32", v) for v in (T, H, I, E, Ep, top_k, 1 if renormalize else 0)],
+        + [("i32", v) for v in (T, H, I, E, Ep, top_k, 1 if renormalize else 0, _SPIN_LIMIT_MS)],
         device=dev,
+        cooperative=True,
     )
     return dx, dwr, dw1, dw3, dw2
 
