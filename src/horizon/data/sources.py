@@ -44,9 +44,8 @@ def data_files(paths) -> list[Path]:
             # Only .txt/.md/.jsonl when scanning: a stray .json (our own cache headers among
             # them) is not training data.
             found = sorted(
-                f for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES | {".jsonl"}
-                and not f.name.startswith(".")
+                f for f in _walk(p, raw)
+                if f.suffix.lower() in TEXT_SUFFIXES | {".jsonl"} and not f.name.startswith(".")
             )
             if not found:
                 raise HorizonError(
@@ -64,6 +63,31 @@ def data_files(paths) -> list[Path]:
     if not unique:
         raise HorizonError("no data files given")
     return unique
+
+
+def _walk(root: Path, raw) -> list[Path]:
+    """Every file under a data directory; a directory that cannot be listed is an error naming
+    it (not an empty directory)."""
+    import os
+
+    def refuse(e: OSError):
+        where = e.filename or str(root)
+        raise HorizonError(f"data directory {str(raw)!r}: cannot read {where!s} ({e.strerror or e})")
+
+    out = []
+    for d, _dirs, files in os.walk(root, onerror=refuse, followlinks=True):
+        out += [Path(d) / f for f in files if (Path(d) / f).is_file()]
+    return out
+
+
+def _check_text(text: str, where: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HorizonError(f"{where}: the text holds an unpaired surrogate {text[e.start]!a} at character "
+                           f"{e.start}, which is not valid Unicode") from None
+    return text
 
 
 def file_kind(path: Path) -> str:
@@ -121,7 +145,7 @@ def _read_jsonl(path: Path):
                     text = obj["text"]
                     if not isinstance(text, str):
                         raise HorizonError(f"{where}: 'text' must be a string")
-                    yield [(text, True)], True
+                    yield [(_check_text(text, where), True)], True
                 else:
                     raise HorizonError(f"{where}: object has neither 'text' nor 'messages'")
     except UnicodeDecodeError as e:
@@ -142,6 +166,7 @@ def chat_segments(messages, where: str = "messages") -> list[tuple[str, bool]]:
             raise HorizonError(f"{where}: message {i} has unknown role {role!r} (use {', '.join(ROLES)})")
         if not isinstance(content, str):
             raise HorizonError(f"{where}: message {i} 'content' must be a string")
+        _check_text(content, f"{where}: message {i}")
         segs.append((role_header(role), False))
         trained = role == "assistant"
         segs.append((content + END_OF_TURN, trained))

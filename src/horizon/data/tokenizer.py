@@ -38,6 +38,8 @@ class TextTokenizer:
             raise HorizonError(f"tokenizer {str(path)!r} is not a valid tokenizer.json ({e})") from None
         self.digest = hashlib.sha256(raw).hexdigest()
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        if self.vocab_size == 0:
+            raise HorizonError(f"tokenizer {str(path)!r} has an empty vocabulary")
         self.eos_id = eos_id if eos_id is not None else self._find_eos()
 
     def _find_eos(self) -> int:

@@ -195,6 +195,7 @@ class LayerMajorEngine:
         items += [(("bwd", b.key), b) for b in reversed(blocks)]
         streamer = _Streamer(self, items)
         self.layer_landings = {}
+        self._finite = []  # one 0-dim device flag per landed layer: its gradient holds no NaN/Inf
 
         try:
             # ---- forward, layer-major, autograd off
@@ -336,22 +337,20 @@ class LayerMajorEngine:
             self.device_ledger.drop("layer-acc")
             self.device_ledger.drop("head-acc")
 
-            # ---- the global norm (one host read) and, with clipping, the updates
-            grad_norm = None
-            if norms:
-                grad_norm = math.sqrt(float(self._sum_sq_norms(torch.stack(norms).double().sum())))
-            if self.grad_clip is not None:
-                if not math.isfinite(grad_norm):
-                    # Known before any update: the step is skipped as a whole.
-                    for layer in layers:
-                        self.landing.wait(layer.key)
-                    return StepResult(loss, grad_norm, True, 0, n_rows * seq)
-                scale = min(1.0, self.grad_clip / (grad_norm + 1e-6))
-                for layer in layers:  # embedding first: the next forward needs it first
-                    self.landing.update_from_buffer(
-                        layer.key, layer.slab, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        grad_scale=scale, write_bf16=self.write_bf16,
-                    )
+            # ---- the step's verdict (one host read: every layer's gradient finite? the global
+            # norm), then the updates of every layer or of none
+            finite, grad_norm = self._verdict(norms)
+            if not finite or (self.grad_clip is not None and not math.isfinite(grad_norm)):
+                # Known before any update: the step is skipped as a whole.
+                for layer in layers:
+                    self.landing.wait(layer.key)
+                return StepResult(loss, grad_norm, True, len(layers) if not finite else 0, n_rows * seq)
+            scale = 1.0 if self.grad_clip is None else min(1.0, self.grad_clip / (grad_norm + 1e-6))
+            for layer in layers:  # embedding first: the next forward needs it first
+                self.landing.update_from_buffer(
+                    layer.key, layer.slab, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                    grad_scale=scale, write_bf16=self.write_bf16,
+                )
             return StepResult(loss, grad_norm, False, skipped_layers, n_rows * seq)
         except BaseException:
             # Leave the engine usable: no slot stays taken, no job stays unwaited.
@@ -391,21 +390,31 @@ class LayerMajorEngine:
             self.device_ledger.drop(name)
 
     def _land(self, layer: HostLayer, acc: torch.Tensor, norms: list, *, step, lr, betas, eps, weight_decay) -> int:
-        """Sends one layer's step gradient off the device (once per step). Without clipping,
-        the Rust worker checks the landed gradient and skips a non-finite layer's update
-        itself (counted in `landing.skipped_updates`), so the device never waits for a host
-        read here. Returns the number of updates known skipped now (always 0)."""
+        """Sends one layer's step gradient off the device (once per step) into the slab's
+        gradient buffer, and notes on the device (no host read) whether it is finite. The
+        updates are queued after the step's verdict (`_verdict`): all layers or none.
+        Returns the number of updates known skipped now (always 0)."""
         self.layer_landings[layer.key] = self.layer_landings.get(layer.key, 0) + 1
+        self._finite.append(kernels.all_finite_tensor(acc))
         if self.grad_clip is not None or self.track_grad_norm:
             norms.append(kernels.grad_sq_norm(acc))
-        if self.grad_clip is not None:
-            self.landing.land_to_buffer(layer.key, acc, layer.slab)
-            return 0
-        self.landing.land_and_update(
-            layer.key, acc, layer.slab, step=step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            write_bf16=self.write_bf16, skip_nonfinite=True,
-        )
+        self.landing.land_to_buffer(layer.key, acc, layer.slab)
         return 0
+
+    def _verdict(self, norms: list) -> tuple:
+        """(every landed gradient finite, global norm or None), in one host read. Data
+        parallel: the flags are of the reduced (identical) gradients and the norm is summed
+        across ranks, so every rank takes the same decision."""
+        finite = torch.stack([f.to(self.device) for f in self._finite]).all() if self._finite else None
+        parts = [] if finite is None else [finite.double()]
+        if norms:
+            parts.append(self._sum_sq_norms(torch.stack(norms).double().sum()))
+        if not parts:
+            return True, None
+        vals = torch.stack([p.reshape(()) for p in parts]).tolist()
+        ok = True if finite is None else bool(vals[0])
+        grad_norm = math.sqrt(vals[-1]) if norms else None
+        return ok, grad_norm
 
     def wait_all(self) -> None:
         self.landing.wait_all()
