@@ -45,8 +45,10 @@ ADAM_BYTES_PER_PARAM = 30
 # CUDA libraries mapped), numpy, tokenizers, safetensors, matplotlib, the native module, and the
 # code pages a step touches. Measured once, as the peak RSS of `horizon train --preset tiny
 # --device cpu --steps 3` (whose own footprint is ~15 MiB): 780 MiB with torch 2.14 (CPU, Linux
-# x86-64); rounded up. A process already larger than this (CUDA initialised) counts its own size.
+# x86-64); rounded up. A process that is already large (a heavier torch build, CUDA initialised)
+# counts its own size plus what a step adds to it (code pages, matplotlib: ~150 MiB measured).
 PROCESS_BASELINE_BYTES = 800 << 20
+PROCESS_GROWTH_BYTES = 192 << 20
 
 
 def read_model(config) -> ModelSpec:
@@ -197,7 +199,7 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
     else:
         raise HorizonError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype!r}")
     host = {
-        "process_baseline": max(PROCESS_BASELINE_BYTES, machine.process_bytes),
+        "process_baseline": max(PROCESS_BASELINE_BYTES, machine.process_bytes + PROCESS_GROWTH_BYTES),
         "master_fp32": 4 * n,
         "adam_moments_fp32": 8 * n,
         "compute_copy_bf16": 2 * n,

@@ -49,6 +49,9 @@ RESUME_FREE = PER_INVOCATION + ("steps", "log_every", "save_every", "keep_checkp
 RESUME_FIXED = ("model_dir", "preset", "tokenizer")
 
 
+_OPTIONS: dict = {}
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -69,12 +72,16 @@ class TrainConfig:
     @classmethod
     def options(cls) -> dict:
         """flat name -> (section, field, section class), for every option."""
+        cached = _OPTIONS.get(cls)
+        if cached is not None:
+            return dict(cached)
         out = {}
         for section, f, owner in leaf_fields(cls):
             name = option_name(f)
             assert name not in out, f"option {name!r} defined twice"
             out[name] = (section, f, owner)
-        return out
+        _OPTIONS[cls] = out  # the fields of a class never change: read their type hints once
+        return dict(out)
 
     @classmethod
     def from_flat(cls, values: dict) -> "TrainConfig":
