@@ -3,9 +3,16 @@ anything is allocated or written: the run directory and the checkpoint to resume
 plan (does it fit?), the tokenizer and the data, the trainer and its restored state.
 
 A run directory (`--out`) holds `metrics.jsonl`, `loss.png`, `train_config.json` (the options of
-the run, the base of a `--resume`), `model_config.json`, `tokenizer.json` (a copy, so the run is
-self-contained), `data-cache/` (token caches when the data's own directory is not writable) and
-`checkpoints/`.
+the run and the history of its `--override`s, for reading: a `--resume` takes them from the
+checkpoint), `model_config.json`, `tokenizer.json` (a copy, so the run is self-contained),
+`data-cache/` (token caches when the data's own directory is not writable), `checkpoints/` and
+`.horizon.lock` (held by the run writing it: a second run into the same directory is refused,
+naming the holder; the kernel releases it when the holder exits or is killed).
+
+On `--resume` the options are the checkpoint's (`config.from_layers`); an option that changes
+the trajectory is refused unless `--override` (then recorded in the checkpoints' `history`), the
+model and tokenizer never change, and data that is not the run's (another token count or
+tokenizer) is refused the same way.
 """
 
 from __future__ import annotations
