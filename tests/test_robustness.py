@@ -457,6 +457,21 @@ def test_messages_name_the_real_problem(tmp_path, base_run, monkeypatch, capsys)
     assert cli_main(["export", str(afile), "--out", str(tmp_path / "hf")]) == 1
     assert "is not a directory" in _err_line(capsys)
 
+    # Already one line before this issue; kept that way (checked before any training starts).
+    (tmp_path / "a.toml").write_text('model_dir = ["a", "b"]\n')
+    (tmp_path / "b.toml").write_text("tokenizer = 5\n")
+    for argv, code, needle in ((["--config", str(tmp_path / "a.toml")], 1, "--model-dir must be a string"),
+                               (["--config", str(tmp_path / "b.toml")], 1, "--tokenizer must be a string"),
+                               (["--device", "cuda:abc"], 2, "--device must be auto, cpu, cuda or cuda:N"),
+                               (["--seed", str(2 ** 65)], 2, "argument --seed: must be an integer")):
+        try:
+            rc = cli_main(["train", *argv])
+        except SystemExit as e:  # argparse refuses a flag's value itself (exit 2)
+            rc = e.code
+        assert rc == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+
 
 # ----------------------------------------------------------------------------- 14. the plan is honest
 def test_plan_counts_the_process_and_exits_non_zero_when_it_does_not_fit(capsys):

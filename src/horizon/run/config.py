@@ -26,7 +26,7 @@ class RunConfig:
     out: str | None = option(None, "run directory", metavar="DIR", path=True, default_help="runs/<timestamp>")
     save_every: int = option(0, "checkpoint every N steps (0: at the end only)", ge=0, metavar="N")
     keep_checkpoints: int = option(2, "keep the newest K checkpoints", ge=1, metavar="K")
-    resume: bool = option(False, "continue the run in --out from its latest checkpoint")
+    resume: bool = option(False, "continue the run in --out from its newest intact checkpoint, with its own options")
     max_bad_steps: int = option(5, "stop after N steps in a row with NaN/Inf loss or gradients", ge=1, metavar="N")
     log_every: int = option(10, "progress line every N steps when stdout is not a terminal", ge=1, metavar="N")
     override: bool = option(False, "with --resume: accept options that change the run's trajectory (recorded in "
