@@ -35,10 +35,95 @@ def _env_int(name: str, default=None) -> int:
     return value
 
 
-def init_from_env(backend: str | None = None, *, timeout_s: float = 1800.0) -> tuple[int, int]:
+RENDEZVOUS_ENV = "HORIZON_RENDEZVOUS_TIMEOUT"
+DEFAULT_RENDEZVOUS_S = 600.0
+_SAY_WAITING_AFTER_S = 5.0
+
+
+def _rendezvous_timeout(value) -> float:
+    if value is None:
+        raw = os.environ.get(RENDEZVOUS_ENV)
+        if raw is None:
+            return DEFAULT_RENDEZVOUS_S
+        try:
+            value = float(raw)
+        except ValueError:
+            raise HorizonError(f"environment variable {RENDEZVOUS_ENV} must be a number of seconds, got {raw!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise HorizonError(f"the rendezvous timeout must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _agent_store_serves(addr: str, port: int) -> bool:
+    """True under torchrun when its agent already hosts the store at MASTER_ADDR:MASTER_PORT
+    (torch's own env:// rendezvous asks the same question)."""
+    try:
+        from torch.distributed.rendezvous import _agent_store_serves as serves
+    except ImportError:
+        return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    try:
+        return bool(serves(addr, port))
+    except Exception:  # noqa: BLE001 - a private helper's signature may change; fall back to the env
+        return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+
+
+def _join_store(rank: int, world: int, addr: str, port: int, timeout_s: float):
+    """The TCP store every rank meets at (rank 0 hosts it). Waits at most `timeout_s` for all
+    `world` ranks; after a few seconds of waiting it says (on stderr) what it waits for. The
+    C++ layer's retry log lines are kept off stderr: a failure is one line, raised here."""
+    import sys
+    import threading
+
+    what = (f"rank {rank} of {world} is waiting for {'the other ranks to join' if rank == 0 else 'rank 0'} "
+            f"at {addr}:{port} (up to {timeout_s:g} s; --rendezvous-timeout or {RENDEZVOUS_ENV})")
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        saved = None
+
+    def say():
+        try:
+            os.write(saved if saved is not None else 2, f"horizon: {what}\n".encode())
+        except OSError:
+            pass
+
+    timer = threading.Timer(_SAY_WAITING_AFTER_S, say)
+    timer.daemon = True
+    timer.start()
+    devnull = None
+    try:
+        if saved is not None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if _agent_store_serves(addr, port):  # torchrun's agent hosts the store: every rank is a client
+            return dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
+        return dist.TCPStore(addr, port, world, is_master=(rank == 0), timeout=timeout, wait_for_workers=True,
+                             multi_tenant=True)
+    except (RuntimeError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HorizonError(
+            f"rank {rank} of {world}: the process group did not form within {timeout_s:g} s at {addr}:{port} "
+            f"({first}); start every rank (e.g. torchrun --nproc-per-node {world}) or raise --rendezvous-timeout"
+        ) from None
+    finally:
+        timer.cancel()
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if devnull is not None:
+            os.close(devnull)
+
+
+def init_from_env(backend: str | None = None, *, timeout_s: float = 1800.0,
+                  rendezvous_timeout_s: float | None = None) -> tuple[int, int]:
     """Joins the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
     MASTER_PORT) when WORLD_SIZE > 1 and returns (rank, world_size); (0, 1) for a plain run.
     Backend: NCCL when CUDA is available (each rank takes GPU LOCAL_RANK), Gloo otherwise.
+    `rendezvous_timeout_s` bounds the wait for every rank to arrive (default: the environment
+    variable HORIZON_RENDEZVOUS_TIMEOUT, else 600 s; a rank that waits says so on stderr after
+    a few seconds, and the timeout is one HorizonError line); `timeout_s` is the collectives'.
     Idempotent: an already initialised group is returned as it is."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -69,7 +154,11 @@ def init_from_env(backend: str | None = None, *, timeout_s: float = 1800.0) -> t
         torch.cuda.set_device(local_rank)
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
         raise HorizonError(f"timeout_s must be a positive number, got {timeout_s!r}")
-    dist.init_process_group(backend, rank=rank, world_size=world,
+    wait_s = _rendezvous_timeout(rendezvous_timeout_s)
+    addr, port = os.environ["MASTER_ADDR"], _env_int("MASTER_PORT")
+    store = _join_store(rank, world, addr, port, wait_s)
+    store.set_timeout(datetime.timedelta(seconds=float(timeout_s)))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=float(timeout_s)))
     return rank, world
 

@@ -2,11 +2,14 @@
 bytes per step, a step-time lower bound) and whether it fits this machine. `horizon train` asks
 the same question before it allocates anything.
 
-The footprint follows docs/engine.md ("Footprint"): host 14 bytes per parameter (fp32 master 4, Adam
-m and v 8, bf16 compute copy 2) plus 4 for the fp32 gradient buffer with gradient clipping, plus
-gradient landing slots and any offloaded activation checkpoints; device = weight slots of the
-largest layer + its fp32 gradient accumulator + activation checkpoints + one block's live
-activations.
+The footprint follows docs/engine.md ("Footprint"): host 18 bytes per parameter (fp32 master 4,
+Adam m and v 8, bf16 compute copy 2, the fp32 gradient buffer every step lands in 4), plus
+gradient landing slots, any offloaded activation checkpoints, the process itself (interpreter,
+torch and the libraries: `PROCESS_BASELINE_BYTES`, or this process's resident size when larger)
+and the transient buffer of reading a model or checkpoint (one layer's fp32 state); device =
+weight slots of the largest layer + its fp32 gradient accumulator + activation checkpoints + the
+step's hidden states and their gradients + one block's live activations, at the compute dtype's
+size (fp32 on the CPU, where the device is host memory too).
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ GENERIC_GPU = (100.0, 24.0, 24.0)
 CPU_GFLOPS_PER_CORE = 30.0       # fp32 matmul, AVX2/AVX-512, what torch reaches on training shapes
 HOST_MEMORY_GBPS = 50.0          # for the optimizer pass: ~30 bytes per parameter read + written
 ADAM_BYTES_PER_PARAM = 30
+# The resident memory of a training process before its model: the interpreter, torch (with its
+# CUDA libraries mapped), numpy, tokenizers, safetensors, matplotlib, the native module, and the
+# code pages a step touches. Measured once, as the peak RSS of `horizon train --preset tiny
+# --device cpu --steps 3` (whose own footprint is ~15 MiB): 780 MiB with torch 2.14 (CPU, Linux
+# x86-64); rounded up. A process that is already large (a heavier torch build, CUDA initialised)
+# counts its own size plus what a step adds to it (code pages, matplotlib: ~150 MiB measured).
+PROCESS_BASELINE_BYTES = 800 << 20
+PROCESS_GROWTH_BYTES = 192 << 20
 
 
 def read_model(config) -> ModelSpec:
@@ -79,9 +90,22 @@ def _block_activation_bytes(s: ModelSpec, tokens: int) -> int:
 class Machine:
     device: str            # "cuda" or "cpu"
     name: str
-    host_bytes: int        # memory available to this process now
+    host_bytes: int        # memory available to this process now (beyond what it holds)
     device_bytes: int      # GPU memory; 0 on the CPU (device bytes then come from host memory)
     cores: int
+    process_bytes: int = 0  # this process's resident size now: in use, yet available to the run
+
+
+def process_rss() -> int:
+    """This process's resident set size in bytes (0 when unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _host_available() -> int:
@@ -126,16 +150,18 @@ def this_machine(device: str = "auto") -> Machine:
     """The machine a run on `device` (an EngineConfig device) would use, as it is now."""
     host = _host_available()
     if device == "cpu":
-        return Machine("cpu", "CPU", host, 0, _cores())
+        return Machine("cpu", "CPU", host, 0, _cores(), process_rss())
     import torch
 
     from .engine.config import resolve_device
 
     dev = resolve_device(device)
     if dev.type != "cuda":
-        return Machine("cpu", "CPU", host, 0, _cores())
+        return Machine("cpu", "CPU", host, 0, _cores(), process_rss())
     free, total = torch.cuda.mem_get_info(dev.index)
-    return Machine("cuda", torch.cuda.get_device_name(dev.index), host, int(free), _cores())
+    # After the CUDA context exists, so the resident size counts it.
+    return Machine("cuda", torch.cuda.get_device_name(dev.index), _host_available(), int(free), _cores(),
+                   process_rss())
 
 
 def _rates(machine: Machine):
@@ -150,8 +176,9 @@ def _rates(machine: Machine):
 
 
 def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
-              grad_clip: bool = False, machine: Machine | None = None) -> dict:
-    """The footprint and step-time bound of training `config` at these sizes on `machine`."""
+              grad_clip: bool = False, machine: Machine | None = None, compute_dtype: str | None = None) -> dict:
+    """The footprint and step-time bound of training `config` at these sizes on `machine`
+    (`compute_dtype`: "float32" or "bfloat16"; None: bf16 on a GPU, fp32 on the CPU)."""
     # The rules of the run's own options (data shape, micro-batch), checked the same way.
     DataConfig(seq_len=seq_len, batch_size=batch_size)
     EngineConfig(micro_batch_size=micro_batch_size)
@@ -165,19 +192,29 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
     largest = max(p for _, p in layers)
     tokens = batch_size * seq_len
 
+    if compute_dtype is None:
+        c = 2 if machine.device == "cuda" else 4
+    elif compute_dtype in ("float32", "bfloat16"):
+        c = 4 if compute_dtype == "float32" else 2
+    else:
+        raise HorizonError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype!r}")
     host = {
+        "process_baseline": max(PROCESS_BASELINE_BYTES, machine.process_bytes + PROCESS_GROWTH_BYTES),
         "master_fp32": 4 * n,
         "adam_moments_fp32": 8 * n,
         "compute_copy_bf16": 2 * n,
-        "grad_buffer_fp32": 4 * n if grad_clip else 0,
+        # Every step's gradients land here, so a step updates every layer or none (engine.md).
+        "grad_buffer_fp32": 4 * n,
         "landing_slots": LANDING_SLOTS * 4 * largest,
+        "load_buffer_fp32": 4 * largest,  # one layer's state read from a model or checkpoint file
     }
-    checkpoints = s.num_layers * tokens * s.hidden_size * 2
+    checkpoints = s.num_layers * tokens * s.hidden_size * c
     device = {
-        "weight_slots": WEIGHT_SLOTS * 2 * largest,
+        "weight_slots": WEIGHT_SLOTS * c * largest,
         "grad_accumulator_fp32": 4 * largest,
         "activation_checkpoints": checkpoints,
-        "block_activations": _block_activation_bytes(s, mb * seq_len),
+        "hidden_states": 2 * tokens * s.hidden_size * c,  # the layer's outputs and their gradients
+        "block_activations": _block_activation_bytes(s, mb * seq_len) * c // 2,
         "loss_chunk": 2 * 4 * min(LOSS_CHUNK_TOKENS, mb * seq_len) * s.vocab_size,
     }
     offloaded = False
@@ -202,11 +239,12 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
     step_s = max(bounds.values())
 
     margin = max(GIB, machine.host_bytes // 20)
+    usable = machine.host_bytes + machine.process_bytes - margin
     if machine.device == "cuda":
-        fits_host = host_total <= machine.host_bytes - margin
+        fits_host = host_total <= usable
         fits_device = device_total <= machine.device_bytes
     else:
-        fits_host = host_total + device_total <= machine.host_bytes - margin
+        fits_host = host_total + device_total <= usable
         fits_device = True
     return {
         "architecture": s.architecture,
@@ -224,7 +262,8 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
         "assumptions": f"{assumed}; host memory {HOST_MEMORY_GBPS:g} GB/s for AdamW "
                        f"({ADAM_BYTES_PER_PARAM} B/param); compute 8*N*T FLOPs (forward, recompute, backward)",
         "machine": {"device": machine.device, "name": machine.name, "host_available_bytes": machine.host_bytes,
-                    "device_bytes": machine.device_bytes, "cores": machine.cores, "host_margin_bytes": margin},
+                    "device_bytes": machine.device_bytes, "cores": machine.cores, "host_margin_bytes": margin,
+                    "process_bytes": machine.process_bytes, "host_usable_bytes": max(0, usable)},
         "fits_host": fits_host, "fits_device": fits_device, "fits": fits_host and fits_device,
     }
 
@@ -261,7 +300,7 @@ def format_plan(p: dict) -> str:
     why = []
     if not p["fits_host"]:
         need = p["host_bytes"] + (p["device_bytes"] if m["device"] == "cpu" else 0)
-        why.append(f"needs {_b(need)} of host memory, {_b(max(0, m['host_available_bytes'] - m['host_margin_bytes']))} usable")
+        why.append(f"needs {_b(need)} of host memory, {_b(m['host_usable_bytes'])} usable")
     if not p["fits_device"]:
         why.append(f"needs {_b(p['device_bytes'])} of GPU memory, {_b(m['device_bytes'])} free")
     lines.append(f"this machine ({avail}): {verdict}" + (f": {'; '.join(why)}" if why else ""))

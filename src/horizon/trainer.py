@@ -89,7 +89,8 @@ class Trainer:
         self.world_size = hdist.world_size() if self.data_parallel else 1
 
         self.spec = spec
-        with_grad, pin = self.grad_clip is not None, self.device.type == "cuda"
+        # Every step's gradients land in the slabs' buffers, so a step is updated all or nothing.
+        with_grad, pin = True, self.device.type == "cuda"
         engine_kwargs = dict(grad_clip=self.grad_clip, track_grad_norm=ec.track_grad_norm, n_slots=ec.n_slots,
                              offload_checkpoints=ec.offload_checkpoints)
         if self.data_parallel:
@@ -111,6 +112,7 @@ class Trainer:
         self.last_loss = None
         self.last_step_skipped = False
         self._skipped_steps = 0
+        self._skipped_layers = 0
         self._tokens = 0
 
     # ------------------------------------------------------------------ construction
@@ -157,6 +159,8 @@ class Trainer:
                 raise HorizonError(f"{what} must be a 2-D integer tensor [batch, seq], got {x.dtype} {tuple(x.shape)}")
             if x.shape[0] == 0 or x.shape[1] == 0:
                 raise HorizonError(f"{what} is empty: shape {tuple(x.shape)}")
+            if x.device.type == "meta":
+                raise HorizonError(f"{what} is on the meta device (shapes only, no values)")
             return x.detach().to("cpu", torch.int64)
 
         ids = as_ids(input_ids, "input_ids")
@@ -173,6 +177,10 @@ class Trainer:
             bad = (lab != -100) & ((lab < 0) | (lab >= v))
             if bool(bad.any()):
                 raise HorizonError(f"labels hold {int(lab[bad][0])}, neither -100 nor in [0, {v})")
+        seq = ids.shape[1]
+        if seq > self.spec.max_positions:
+            raise HorizonError(f"sequence length {seq} exceeds the model's max_position_embeddings "
+                               f"{self.spec.max_positions}")
         pos = None
         if position_ids is not None:
             from .models import check_position_ids
@@ -198,6 +206,7 @@ class Trainer:
         self.last_loss = result.loss
         self.last_grad_norm = result.grad_norm
         self.last_step_skipped = result.skipped
+        self._skipped_layers += result.skipped_layer_updates
         self._tokens += result.tokens
         if result.skipped:
             self._skipped_steps += 1
@@ -268,8 +277,9 @@ class Trainer:
             # Device -> host reads that wait for the device: one per step by design.
             "host_syncs": e.host_syncs,
             "landing_slots": e.landing.n_slots,
-            # Counted by the Rust workers as they run: wait for the queued updates first.
-            "skipped_layer_updates": self._landed_skips(),
+            # Layer updates a step skipped for a non-finite gradient (the whole step's), plus any
+            # the Rust workers skipped as they ran (wait for the queued updates first).
+            "skipped_layer_updates": self._landed_skips() + self._skipped_layers,
         }
 
     def state_tensors(self, *, rank0_only: bool = False) -> dict:
@@ -288,6 +298,12 @@ class Trainer:
         """Loads full flat tensors as `state_tensors` returns them, or lazy file slices
         (`safetensors.safe_open(...).get_slice(name)`). Data parallel: each rank keeps (and,
         from slices, reads) only its shard; collective."""
+        if isinstance(tensors, dict):
+            for name, src in tensors.items():
+                dt = src.dtype if isinstance(src, torch.Tensor) else getattr(src, "get_dtype", lambda: None)()
+                if dt not in (torch.float32, "F32", None):
+                    raise HorizonError(f"state tensor {name!r} is {dt}, not float32: the optimizer state is "
+                                       "loaded as saved, never converted")
         self.engine.wait_all()
         self.model.load_state_tensors_(tensors)
 

@@ -92,8 +92,8 @@ def data_files(paths) -> list[Path]:
             # Only .txt/.md/.jsonl/.parquet when scanning: a stray .json (our own cache headers
             # among them) is not training data.
             found = sorted(
-                f for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES | {".jsonl"} | PARQUET_SUFFIXES
+                f for f in _walk(p, raw)
+                if f.suffix.lower() in TEXT_SUFFIXES | {".jsonl"} | PARQUET_SUFFIXES
                 and not f.name.startswith(".") and not _inside_hf_dataset(f, p)
             )
             found += sorted(d for d in p.rglob("*") if is_hf_dataset_dir(d) and not _inside_hf_dataset(d, p))
@@ -117,6 +117,31 @@ def data_files(paths) -> list[Path]:
 
 def _inside_hf_dataset(f: Path, root: Path) -> bool:
     return any(is_hf_dataset_dir(parent) for parent in f.parents if parent != root and root in parent.parents)
+
+
+def _walk(root: Path, raw) -> list[Path]:
+    """Every file under a data directory; a directory that cannot be listed is an error naming
+    it (not an empty directory)."""
+    import os
+
+    def refuse(e: OSError):
+        where = e.filename or str(root)
+        raise HorizonError(f"data directory {str(raw)!r}: cannot read {where!s} ({e.strerror or e})")
+
+    out = []
+    for d, _dirs, files in os.walk(root, onerror=refuse, followlinks=True):
+        out += [Path(d) / f for f in files if (Path(d) / f).is_file()]
+    return out
+
+
+def _check_text(text: str, where: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HorizonError(f"{where}: the text holds an unpaired surrogate {text[e.start]!a} at character "
+                           f"{e.start}, which is not valid Unicode") from None
+    return text
 
 
 def file_kind(path: Path) -> str:
@@ -300,6 +325,11 @@ def _str_field(obj, fm: Fields, ours: str, required=True, allow_empty=True):
         raise BadRecord(f"field {fm.name(ours)!r}: must be a string, got {type(v).__name__}")
     if not allow_empty and not v.strip():
         raise BadRecord(f"field {fm.name(ours)!r}: is empty")
+    try:  # JSON may escape a lone UTF-16 surrogate ("\ud800"), which is no Unicode text
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRecord(f"field {fm.name(ours)!r}: holds an unpaired surrogate {v[e.start]!a} at character "
+                        f"{e.start}, which is not valid Unicode") from None
     return v
 
 
@@ -509,6 +539,7 @@ def chat_segments(messages, where: str = "messages", train_from: int = 0) -> lis
             raise HorizonError(f"{where}: message {i} has unknown role {role!r} (use {', '.join(ROLES)})")
         if not isinstance(content, str):
             raise HorizonError(f"{where}: message {i} 'content' must be a string")
+        _check_text(content, f"{where}: message {i}")
         segs.append((role_header(role), False))
         trained = role == "assistant" and i >= train_from
         segs.append((content + END_OF_TURN, trained))

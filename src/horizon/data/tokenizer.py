@@ -76,6 +76,8 @@ class TextTokenizer:
             raise HorizonError(f"tokenizer {str(path)!r} is not a valid tokenizer.json ({e})") from None
         self.digest = _sha(raw)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        if self.vocab_size == 0:
+            raise HorizonError(f"tokenizer {str(path)!r} has an empty vocabulary")
         self.eos_id = eos_id if eos_id is not None else self._find_eos()
         self.directory = self.path.parent
         # `chat_template`: the text of a template that replaces the model's (see read_chat_template_file).

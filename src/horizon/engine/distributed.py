@@ -472,18 +472,11 @@ class DataParallelEngine(LayerMajorEngine):
         work.wait()
         self.layer_landings[layer.key] = self.layer_landings.get(layer.key, 0) + 1
         shard = acc.narrow(0, layer.lo, layer.hi - layer.lo)
+        # The finiteness of the whole reduced (identical) layer gradient, so every rank's
+        # verdict on the step is the same.
+        self._finite.append(kernels.all_finite_tensor(acc))
         if self.grad_clip is not None or self.track_grad_norm:
             norms.append(kernels.grad_sq_norm(shard) if shard.numel() else torch.zeros((), device=acc.device))
         if layer.hi == layer.lo:
             return  # a layer smaller than one shard per rank: nothing of it lives here
-        if self.grad_clip is not None:
-            self.landing.land_to_buffer(layer.key, shard, layer.slab)
-            return
-        # A single process skips the whole layer's update when its gradient holds NaN/Inf;
-        # here each rank's worker sees only its shard, so a non-finite value anywhere in the
-        # (reduced, identical) layer gradient poisons every shard, decided on the device.
-        poison = torch.where(kernels.all_finite_tensor(acc), 0.0, float("nan"))
-        shard.add_(poison)
-        self.landing.land_and_update(
-            layer.key, shard, layer.slab, write_bf16=self.write_bf16, skip_nonfinite=True, **hp,
-        )
+        self.landing.land_to_buffer(layer.key, shard, layer.slab)

@@ -61,6 +61,7 @@ class StepResult:
     loss: float
     grad_norm: float | None
     skipped: bool
+    skipped_layer_updates: int  # layers whose update a skipped step left out (all of them, or 0)
     tokens: int
 
 
@@ -258,7 +259,6 @@ class LayerMajorEngine:
         n_label_tokens = int((shifted != -100).sum())
         if n_label_tokens == 0:
             raise HorizonError("the batch has no label tokens (all labels are -100 after the shift)")
-        self._size_landing_ring()
         # Data parallel: this rank's contiguous share of the step's micro-batches (all of
         # them in a single process); the loss normaliser stays the whole batch's count.
         ids_all, lab_all = input_ids.split(micro_batch_size), shifted.split(micro_batch_size)
@@ -287,6 +287,7 @@ class LayerMajorEngine:
         streamer = _Streamer(self, items)
         self.layer_landings = {}
         self._ring_turn = 0
+        self._finite = []  # one 0-dim device flag per landed layer: its gradient holds no NaN/Inf
 
         try:
             # ---- forward, layer-major, autograd off
@@ -363,11 +364,6 @@ class LayerMajorEngine:
             self._sum_across_ranks_([loss_t] + ([route_counts, route_probs] if aux_coef else []))
             if aux_coef:
                 loss_t = loss_t + aux_scale * (route_counts * route_probs).sum()
-            if self.grad_clip is None:
-                # Without clipping each layer's AdamW runs as it lands, before the loss is read:
-                # a gate the workers read (written before any landing copy completes) voids
-                # them all when the loss is not finite.
-                self._open_gate(loss_t)
 
             norms = []
             self._bwd_mark(0)
@@ -424,27 +420,26 @@ class LayerMajorEngine:
             self._bwd_mark(1, landings=len(layers))
             del eacc, tied_acc
 
-            # ---- the one host read of the step: the loss and the global norm together
+            # ---- the step's verdict, in the one host read of the step: the loss, whether every
+            # landed gradient is finite, the global norm; then the updates of every layer or of none
+            finite_t = torch.stack([f.to(self.device) for f in self._finite]).all().double() if self._finite else None
             sq = self._sum_sq_norms(torch.stack(norms).double().sum()) if norms else None
-            read = self._host_read(torch.stack([loss_t.double()] + ([sq] if sq is not None else [])))
+            parts = [loss_t.double()] + [p for p in (finite_t, sq) if p is not None]
+            read = self._host_read(torch.stack([p.reshape(()) for p in parts]))
             loss = read[0]
-            grad_norm = math.sqrt(read[1]) if sq is not None else None
-            if not math.isfinite(loss):
-                # Nothing was updated: the gate voided the workers' updates (no clipping), or
-                # the updates were never queued (clipping).
-                return StepResult(loss, grad_norm, True, n_rows * seq)
-            if self.grad_clip is not None:
-                if not math.isfinite(grad_norm):
-                    # Known before any update: the step is skipped as a whole.
-                    for layer in layers:
-                        self.landing.wait(layer.key)
-                    return StepResult(loss, grad_norm, True, n_rows * seq)
-                scale = min(1.0, self.grad_clip / (grad_norm + 1e-6))
-                for layer in layers:  # embedding first: the next forward needs it first
-                    self.landing.update_from_buffer(
-                        layer.key, layer.slab, hyper=hyper, step=step, grad_scale=scale, write_bf16=self.write_bf16,
-                    )
-            return StepResult(loss, grad_norm, False, n_rows * seq)
+            finite = bool(read[1]) if finite_t is not None else True
+            grad_norm = math.sqrt(read[-1]) if sq is not None else None
+            if not math.isfinite(loss) or not finite or (self.grad_clip is not None and not math.isfinite(grad_norm)):
+                # Known before any update: the step is skipped as a whole.
+                for layer in layers:
+                    self.landing.wait(layer.key)
+                return StepResult(loss, grad_norm, True, len(layers) if not finite else 0, n_rows * seq)
+            scale = 1.0 if self.grad_clip is None else min(1.0, self.grad_clip / (grad_norm + 1e-6))
+            for layer in layers:  # embedding first: the next forward needs it first
+                self.landing.update_from_buffer(
+                    layer.key, layer.slab, hyper=hyper, step=step, grad_scale=scale, write_bf16=self.write_bf16,
+                )
+            return StepResult(loss, grad_norm, False, 0, n_rows * seq)
         except BaseException:
             # Leave the engine usable: no slot stays taken, no job stays unwaited.
             self._abort_landings()
@@ -503,12 +498,6 @@ class LayerMajorEngine:
         if zero:
             acc.zero_()
         return acc
-
-    def _open_gate(self, loss_t: torch.Tensor) -> None:
-        gate = self._gates[self._gate_turn : self._gate_turn + 1]
-        self._gate_turn ^= 1
-        gate.copy_(torch.isfinite(loss_t).to(torch.int32).reshape(1), non_blocking=True)
-        self.landing.gate = gate
 
     def _host_read(self, t: torch.Tensor) -> list:
         """The step's device -> host reads go through here (counted in `host_syncs`)."""
@@ -640,19 +629,14 @@ class LayerMajorEngine:
             self.device_ledger.drop(name)
 
     def _land(self, layer: HostLayer, acc: torch.Tensor, norms: list, *, step, hyper) -> None:
-        """Sends one layer's step gradient off the device (once per step). Without clipping,
-        the Rust worker checks the landed gradient and skips a non-finite layer's update
-        itself (counted in `landing.skipped_updates`), so the device never waits for a host
-        read here."""
+        """Sends one layer's step gradient off the device (once per step) into the slab's
+        gradient buffer, and notes on the device (no host read) whether it is finite. The
+        updates are queued after the step's verdict: all layers or none."""
         self.layer_landings[layer.key] = self.layer_landings.get(layer.key, 0) + 1
+        self._finite.append(kernels.all_finite_tensor(acc))
         if self.grad_clip is not None or self.track_grad_norm:
             norms.append(kernels.grad_sq_norm(acc))
-        if self.grad_clip is not None:
-            self.landing.land_to_buffer(layer.key, acc, layer.slab)
-            return
-        self.landing.land_and_update(
-            layer.key, acc, layer.slab, hyper=hyper, step=step, write_bf16=self.write_bf16, skip_nonfinite=True,
-        )
+        self.landing.land_to_buffer(layer.key, acc, layer.slab)
 
     def wait_all(self) -> None:
         self.landing.wait_all()

@@ -12,6 +12,12 @@ A checkpoint is written into a temporary directory beside the others, every file
 renamed into place and the directory fsynced; `latest` is replaced the same way. A failure at any
 point (a full disk) leaves the previous checkpoints and `latest` untouched. The safetensors file
 is streamed tensor by tensor, so saving never holds a second copy of the model state in memory.
+
+Integrity: meta.json records the byte count and CRC-32 of the state file (computed while it is
+written) and a CRC-32 of its own content (`meta_crc32`). `verify_checkpoint` checks both;
+`select_checkpoint` resumes from the newest checkpoint that verifies and says which newer ones it
+passed over. Temporary directories that a killed writer left (`.tmp-step-*`, `.old-step-*`) are
+removed by `clean_stale` when a run (holding the run directory's lock) starts or resumes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import re
 import shutil
 import struct
+import zlib
 from pathlib import Path
 
 from ..errors import HorizonError
@@ -32,6 +39,13 @@ STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_STALE = re.compile(r"^\.(tmp|old)-step-\d+-\d+$|^\.latest\.tmp-\d+$")
+_READ_CHUNK = 64 << 20
+
+
+class CheckpointWriteError(HorizonError):
+    """A checkpoint could not be written (a full disk, an I/O error); one line saying which
+    earlier checkpoint, if any, is intact."""
 
 _DTYPES = None
 
@@ -62,8 +76,9 @@ def _write_bytes(f, data) -> None:
     f.write(data)
 
 
-def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Streams `tensors` (name -> CPU tensor) into a safetensors file and fsyncs it."""
+def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> dict:
+    """Streams `tensors` (name -> CPU tensor) into a safetensors file and fsyncs it. Returns
+    {"bytes": file size, "crc32": CRC-32 of the file}, computed as it is written."""
     import torch
 
     names = _dtype_names()
@@ -83,14 +98,22 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None
         entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format wants the data aligned to 8 bytes
+    crc, size = 0, 0
     with open(path, "wb") as f:
-        _write_bytes(f, struct.pack("<Q", len(header)))
-        _write_bytes(f, header)
-        for t in prepared:
-            if t.numel():
-                _write_bytes(f, memoryview(t.view(-1).view(torch.uint8).numpy()))
+        chunks = [struct.pack("<Q", len(header)), header]
+        chunks += (memoryview(t.view(-1).view(torch.uint8).numpy()) for t in prepared if t.numel())
+        for data in chunks:
+            _write_bytes(f, data)
+            crc = zlib.crc32(data, crc)
+            size += len(data) if isinstance(data, bytes) else data.nbytes
         f.flush()
         os.fsync(f.fileno())
+    return {"bytes": size, "crc32": crc}
+
+
+def _meta_crc(meta: dict) -> int:
+    body = {k: v for k, v in meta.items() if k != "meta_crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -115,8 +138,8 @@ def _describe_os_error(e: OSError) -> str:
 
 def save_checkpoint(run_dir, step: int, tensors: dict, meta: dict, keep: int | None = None) -> Path:
     """Writes checkpoint `step` atomically and points `latest` at it; keeps the newest `keep`
-    checkpoints (all when None). Raises HorizonError (one line) when it cannot be written; the
-    previous checkpoints are then intact."""
+    checkpoints (all when None). Raises CheckpointWriteError (one line) when it cannot be
+    written; the previous checkpoints are then intact, and the message names the newest."""
     root = checkpoints_dir(run_dir)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
@@ -125,9 +148,11 @@ def save_checkpoint(run_dir, step: int, tensors: dict, meta: dict, keep: int | N
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        write_safetensors(tmp / STATE_FILE, tensors, {"format": "pt", "step": step})
+        digest = write_safetensors(tmp / STATE_FILE, tensors, {"format": "pt", "step": step})
+        record = dict(meta, step=step, files={STATE_FILE: digest})
+        record["meta_crc32"] = _meta_crc(record)
         with open(tmp / META_FILE, "wb") as f:
-            _write_bytes(f, json.dumps(dict(meta, step=step), indent=1, sort_keys=True).encode())
+            _write_bytes(f, json.dumps(record, indent=1, sort_keys=True).encode())
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
@@ -142,9 +167,12 @@ def save_checkpoint(run_dir, step: int, tensors: dict, meta: dict, keep: int | N
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise HorizonError(
-            f"could not write checkpoint {final} ({_describe_os_error(e)}); the previous checkpoint is intact"
-        ) from None
+        earlier = [s for s in list_checkpoints(run_dir) if s != step]
+        if final.is_dir() and step in list_checkpoints(run_dir):
+            earlier.append(step)  # re-saving a step: the old copy of it stands
+        intact = (f"the previous checkpoint is intact ({root / step_dir_name(max(earlier))})" if earlier
+                  else "no earlier checkpoint of this run exists")
+        raise CheckpointWriteError(f"could not write checkpoint {final} ({_describe_os_error(e)}); {intact}") from None
     except BaseException:  # interrupted: leave no half-written directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -180,6 +208,90 @@ def latest_checkpoint(run_dir) -> Path | None:
         pass
     steps = list_checkpoints(run_dir)
     return root / step_dir_name(steps[-1]) if steps else None
+
+
+def clean_stale(run_dir) -> list[Path]:
+    """Removes the temporary checkpoint directories and files that a killed writer left under
+    `run_dir/checkpoints` (call it only while holding the run directory's lock). Returns them."""
+    root = checkpoints_dir(run_dir)
+    gone = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return gone
+    for p in entries:
+        if _STALE.match(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
+def verify_checkpoint(path) -> dict:
+    """Reads and checks one checkpoint directory: meta.json readable and matching its own
+    CRC, the state file of the recorded size and CRC (checkpoints written before checksums
+    existed are checked for a readable header only). Returns the meta; HorizonError naming
+    what is damaged otherwise."""
+    path = Path(path)
+    meta = read_meta(path)
+    if "meta_crc32" in meta and meta["meta_crc32"] != _meta_crc(meta):
+        raise HorizonError(f"checkpoint {path}: {META_FILE} does not match its checksum")
+    state = path / STATE_FILE
+    want = (meta.get("files") or {}).get(STATE_FILE) if isinstance(meta.get("files"), dict) else None
+    try:
+        size = state.stat().st_size
+        if isinstance(want, dict):
+            if size != want.get("bytes"):
+                raise HorizonError(f"checkpoint {path}: {STATE_FILE} has {size} bytes, {want.get('bytes')} were written")
+            crc = 0
+            with open(state, "rb") as f:
+                while True:
+                    chunk = f.read(_READ_CHUNK)
+                    if not chunk:
+                        break
+                    crc = zlib.crc32(chunk, crc)
+            if crc != want.get("crc32"):
+                raise HorizonError(f"checkpoint {path}: {STATE_FILE} does not match its checksum")
+        else:
+            with open(state, "rb") as f:
+                head = f.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if n <= 0 or 8 + n > size:
+                    raise HorizonError(f"checkpoint {path}: {STATE_FILE} is corrupt (bad header)")
+                json.loads(f.read(n))
+    except FileNotFoundError:
+        raise HorizonError(f"checkpoint {path} has no {STATE_FILE}") from None
+    except (OSError, ValueError) as e:
+        raise HorizonError(f"checkpoint {path}: cannot read {STATE_FILE} ({_describe_os_error(e) if isinstance(e, OSError) else e})") from None
+    return meta
+
+
+def select_checkpoint(run_dir) -> tuple[Path | None, dict | None, list[str]]:
+    """The newest checkpoint of `run_dir` that verifies: (path, meta, notes), notes saying
+    which newer checkpoints were damaged and passed over. (None, None, []) when the run has
+    no checkpoint; HorizonError when it has some and none is intact."""
+    root = checkpoints_dir(run_dir)
+    candidates = sorted(list_checkpoints(run_dir), reverse=True)
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        s = int(_STEP_DIR.match(latest.name).group(1))
+        candidates = [s] + [c for c in candidates if c != s]
+    notes, reasons = [], []
+    for s in candidates:
+        d = root / step_dir_name(s)
+        try:
+            meta = verify_checkpoint(d)
+        except HorizonError as e:
+            reasons.append(str(e))
+            continue
+        if reasons:
+            notes.append(f"{'; '.join(reasons)}: resuming from the newest intact checkpoint, {d}")
+        return d, meta, notes
+    if reasons:
+        raise HorizonError(f"no intact checkpoint under {run_dir}: {'; '.join(reasons)}")
+    return None, None, []
 
 
 def read_meta(path) -> dict:

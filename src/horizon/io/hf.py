@@ -18,6 +18,8 @@ from ..errors import HorizonError
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+# The safetensors dtypes a weight may have (converted to the model's fp32 master on load).
+_WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 # Buffers some exporters write that are not parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -60,9 +62,18 @@ def weight_files(model_dir) -> list[Path]:
         files = sorted(root.glob("*.safetensors"))
     if not files:
         raise HorizonError(f"no *.safetensors weights in {str(root)!r}")
-    missing = [str(f) for f in files if not f.is_file()]
+    for f in files:
+        if f.is_dir():
+            raise HorizonError(f"{str(f)!r} is a directory, not a safetensors file")
+    missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise HorizonError(f"shard(s) named by the index are missing: {missing}")
+    for f in files:
+        try:
+            with open(f, "rb"):
+                pass
+        except OSError as e:
+            raise HorizonError(f"cannot read weights {str(f)!r}: {e.strerror or e}") from None
     return files
 
 
@@ -94,6 +105,10 @@ def _load_file(file: Path, destinations: dict, seen: set) -> None:
                 continue
             if name not in destinations:
                 raise HorizonError(f"{file.name}: unexpected tensor {name!r} for this architecture")
+            dtype = f.get_slice(name).get_dtype()
+            if dtype not in _WEIGHT_DTYPES:
+                raise HorizonError(f"{file.name}: tensor {name!r} is {dtype}; model weights must be floating point "
+                                   f"({', '.join(_WEIGHT_DTYPES)})")
             src = f.get_tensor(name)
             dst = destinations[name]
             if tuple(src.shape) != tuple(dst.shape):

@@ -26,16 +26,30 @@ class RunConfig:
     out: str | None = option(None, "run directory", metavar="DIR", path=True, default_help="runs/<timestamp>")
     save_every: int = option(0, "checkpoint every N steps (0: at the end only)", ge=0, metavar="N")
     keep_checkpoints: int = option(2, "keep the newest K checkpoints", ge=1, metavar="K")
-    resume: bool = option(False, "continue the run in --out from its latest checkpoint")
+    resume: bool = option(False, "continue the run in --out from its newest intact checkpoint, with its own options")
     max_bad_steps: int = option(5, "stop after N steps in a row with NaN/Inf loss or gradients", ge=1, metavar="N")
     log_every: int = option(10, "progress line every N steps when stdout is not a terminal", ge=1, metavar="N")
+    override: bool = option(False, "with --resume: accept options that change the run's trajectory (recorded in "
+                                   "the run's history)")
+    rendezvous_timeout: float | None = option(None, "under torchrun: seconds to wait for every rank to join", gt=0,
+                                              metavar="SECONDS", default_help="$HORIZON_RENDEZVOUS_TIMEOUT or 600")
 
     def __post_init__(self):
         check_fields(self)
 
 
 # Options that describe one invocation rather than the run: never taken from a saved run.
-PER_INVOCATION = ("resume", "out")
+PER_INVOCATION = ("resume", "out", "override")
+# Options a resumed run may change without --override: how long it runs, how it reports and
+# saves, where it runs. Every other option changes the trajectory (the model, the data and its
+# order, the optimizer, the schedule, the numerics) and is refused unless --override is given.
+RESUME_FREE = PER_INVOCATION + ("steps", "log_every", "save_every", "keep_checkpoints", "max_bad_steps", "device",
+                                "rendezvous_timeout")
+# What a checkpoint's state belongs to: never changed on resume, even with --override.
+RESUME_FIXED = ("model_dir", "preset", "tokenizer")
+
+
+_OPTIONS: dict = {}
 
 
 @dataclass
@@ -58,12 +72,16 @@ class TrainConfig:
     @classmethod
     def options(cls) -> dict:
         """flat name -> (section, field, section class), for every option."""
+        cached = _OPTIONS.get(cls)
+        if cached is not None:
+            return dict(cached)
         out = {}
         for section, f, owner in leaf_fields(cls):
             name = option_name(f)
             assert name not in out, f"option {name!r} defined twice"
             out[name] = (section, f, owner)
-        return out
+        _OPTIONS[cls] = out  # the fields of a class never change: read their type hints once
+        return dict(out)
 
     @classmethod
     def from_flat(cls, values: dict) -> "TrainConfig":
@@ -148,25 +166,66 @@ def saved_run_options(path) -> dict:
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+    return _known(d)
+
+
+def _known(d) -> dict:
     if not isinstance(d, dict):
         return {}
     opts = TrainConfig.options()
     return {k: v for k, v in d.items() if k in opts and k not in PER_INVOCATION}
 
 
+def checkpoint_options(run_dir) -> dict:
+    """The options of the run in `run_dir` as its newest intact checkpoint recorded them (the
+    learning-rate schedule made explicit); train_config.json only for a checkpoint that does
+    not record them. {} when there is no readable checkpoint (the set-up then says why)."""
+    from . import resume
+
+    try:
+        cp, meta, _ = resume.select(run_dir)
+    except HorizonError:
+        return {}
+    if cp is None:
+        return {}
+    if not isinstance(meta.get("train_config"), dict):
+        return dict(saved_run_options(Path(run_dir) / "train_config.json"), **_known(resume.saved_options(meta)))
+    return _known(resume.saved_options(meta))
+
+
 def from_layers(file_layer: dict, flags: dict) -> TrainConfig:
-    """The config of an invocation: a resumed run's saved options, then the file, then flags.
-    A model named now (by the file or the flags) replaces the saved run's model; a flag's
-    model replaces the file's."""
+    """The config of an invocation: a resumed run's recorded options (from its checkpoint),
+    then the file, then flags. What a resumed run may change is checked when it starts
+    (`resume_changes`)."""
     saved = {}
     if flags.get("resume"):
         out = flags.get("out") or file_layer.get("out")
         if out:
-            saved = saved_run_options(Path(out) / "train_config.json")
-    model_keys = ("model_dir", "preset")
-    if any(layer.get(k) for layer in (file_layer, flags) for k in model_keys):
-        for k in model_keys:
-            saved.pop(k, None)
-    if any(flags.get(k) for k in model_keys):
-        file_layer = {k: v for k, v in file_layer.items() if k not in model_keys}
+            saved = checkpoint_options(Path(out).expanduser())
     return merge(saved, file_layer, flags)
+
+
+def _same(name: str, a, b) -> bool:
+    opts = TrainConfig.options()
+    if name in opts and opts[name][1].metadata.get("path") and a is not None and b is not None:
+        def norm(x):
+            return [str(Path(p).expanduser().resolve()) for p in (x if isinstance(x, list) else [x])]
+        return norm(a) == norm(b)
+    return a == b
+
+
+def resume_changes(cfg: TrainConfig, meta: dict) -> dict:
+    """{option: (recorded, now)} for every option of `cfg` that differs from what the
+    checkpoint recorded and that a resumed run may not change freely."""
+    from . import resume
+
+    saved = resume.saved_options(meta)
+    if not isinstance(meta.get("train_config"), dict):
+        return {}  # a checkpoint from before options were recorded: nothing to compare with
+    try:
+        recorded = merge(_known(saved)).to_flat()
+    except HorizonError:
+        recorded = {k: v for k, v in saved.items()}
+    now = cfg.to_flat()
+    return {k: (recorded.get(k), now[k]) for k in now
+            if k not in RESUME_FREE and not _same(k, recorded.get(k), now[k])}

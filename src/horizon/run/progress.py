@@ -31,7 +31,10 @@ class Progress:
         self.width = 0
         self.eval_s = ""  # the latest eval loss, shown from then on
 
-    def update(self, step: int, loss: float, tok_s: float, eval_loss: float | None = None) -> None:
+    def update(self, step: int, loss: float, tok_s: float, eval_loss: float | None = None,
+               note: str | None = None) -> None:
+        """`eval_loss`: shown from then on; `note`: why the step was skipped (a plain line is then
+        always written)."""
         done = step - self.start
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
@@ -44,13 +47,17 @@ class Progress:
             fill = int(width * step / self.total)
             bar = "#" * fill + "." * (width - fill)
             line = f"[{bar}] {step}/{self.total} loss {loss_s} | {_fmt_rate(tok_s)} tok/s | ETA {_fmt_time(eta)}"
+            if note:
+                line += f" | skipped: {note}"
             # Pad over the previous line's tail when this one is shorter.
             self.stream.write("\r" + line.ljust(self.width))
             self.width = len(line)
             self.stream.flush()
             self.drawn = True
-        elif step % self.every == 0 or step == self.total or done == 1:
-            self.stream.write(f"step {step}/{self.total} loss {loss_s} {_fmt_rate(tok_s)} tok/s ETA {_fmt_time(eta)}\n")
+        elif note or step % self.every == 0 or step == self.total or done == 1:
+            tail = f" skipped: {note}" if note else ""
+            self.stream.write(f"step {step}/{self.total} loss {loss_s} {_fmt_rate(tok_s)} tok/s ETA {_fmt_time(eta)}"
+                              f"{tail}\n")
             self.stream.flush()
 
     def close(self) -> None:
