@@ -67,9 +67,20 @@ class Trainer:
 
     def __init__(self, spec, *, device="auto", compute_dtype=None, lr=1e-4, weight_decay=0.0,
                  betas=(0.9, 0.999), eps=1e-8, grad_clip=None, micro_batch_size=None,
-                 track_grad_norm=True, n_slots=2, offload_checkpoints=None, data_parallel=None, _init=None):
+                 track_grad_norm=True, n_slots=2, offload_checkpoints=None, data_parallel=None, model_path=None,
+                 _init=None):
         from . import distributed as hdist
         from .engine import HostModel, LayerMajorEngine
+        from .models import resolve
+        from .models.hf.select import check_model_path, model_path_of
+
+        # `spec` may be a config dict, read by the one reader train and plan share ("auto":
+        # native when it implements the config, else the hf path).
+        if isinstance(spec, dict):
+            spec = resolve(spec, check_model_path(model_path))
+        elif model_path not in (None, "auto") and check_model_path(model_path) != model_path_of(spec):
+            raise HorizonError(f"model_path {model_path!r} asked for, but the spec is of the "
+                               f"{model_path_of(spec)!r} path")
 
         self.device = _resolve_device(device)
         self.compute_dtype = _resolve_dtype(compute_dtype, self.device)
@@ -132,20 +143,25 @@ class Trainer:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, model_dir, *, device="auto", compute_dtype=None, lr=1e-4, weight_decay=0.0,
-                        betas=(0.9, 0.999), eps=1e-8, grad_clip=None, micro_batch_size=None, **engine_kwargs):
-        """Loads a local HF model directory (config.json + *.safetensors); never the network."""
+                        betas=(0.9, 0.999), eps=1e-8, grad_clip=None, micro_batch_size=None, model_path="auto",
+                        **engine_kwargs):
+        """Loads a local HF model directory (config.json + *.safetensors); never the network.
+        `model_path`: "auto" (native when it implements the config, else hf), "native" or "hf"."""
         from .io import hf
-        from .models import ModelSpec
+        from .models import resolve
 
         cfg = hf.read_config(model_dir)
-        spec = ModelSpec.from_hf_config(cfg)
-        optional = () if not spec.tie_word_embeddings else ("lm_head.weight",)
+        spec = resolve(cfg, model_path)
+        if getattr(spec, "model_path", "native") == "hf":
+            extra = spec.optional_checkpoint_tensors()
+        else:
+            extra = {"lm_head.weight": (spec.vocab_size, spec.hidden_size)} if spec.tie_word_embeddings else {}
+        optional = tuple(extra)
 
         def load(model):
             dests = model.hf_views()
-            if spec.tie_word_embeddings:
-                # A tied checkpoint may still carry lm_head.weight; it is the embedding.
-                dests["lm_head.weight"] = torch.empty(spec.vocab_size, spec.hidden_size)
+            # A tied checkpoint may still carry lm_head.weight; it is the embedding.
+            dests.update({name: torch.empty(shape) for name, shape in extra.items()})
             hf.load_tensors(model_dir, dests, optional=optional)
 
         return cls(spec, device=device, compute_dtype=compute_dtype, lr=lr, weight_decay=weight_decay, betas=betas,
@@ -154,11 +170,12 @@ class Trainer:
     @classmethod
     def from_config(cls, config: dict, *, seed: int = 0, device="auto", compute_dtype=None, lr=1e-4,
                     weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, grad_clip=None, micro_batch_size=None,
-                    **engine_kwargs):
-        """A randomly initialised model (HF's scheme: N(0, initializer_range), norms 1, biases 0)."""
-        from .models import ModelSpec
+                    model_path="auto", **engine_kwargs):
+        """A randomly initialised model (HF's scheme: N(0, initializer_range), norms 1, biases 0;
+        on the hf path the model's own `_init_weights`)."""
+        from .models import resolve
 
-        spec = ModelSpec.from_hf_config(config)
+        spec = resolve(config, model_path)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise HorizonError(f"seed must be an int, got {seed!r}")
         return cls(spec, device=device, compute_dtype=compute_dtype, lr=lr, weight_decay=weight_decay, betas=betas,

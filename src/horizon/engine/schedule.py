@@ -176,7 +176,12 @@ class LayerMajorEngine:
         ids_mb = [t.to(dev, non_blocking=True) for t in ids_all[mb_lo:mb_hi]]
         lab_mb = [t.to(dev, non_blocking=True) for t in lab_all[mb_lo:mb_hi]]
         inv_tokens = 1.0 / n_label_tokens
-        cos, sin = kernels.rope_cos_sin(torch.arange(seq), spec.head_dim, spec.rope_theta, dtype=self.dtype, device=dev)
+        # A template whose prologue is the model's own forward (the hf path) hands each block
+        # what that forward hands the layer; native blocks take the RoPE tables.
+        prologue = getattr(embed.defn.template, "prologue", None)
+        if prologue is None:
+            cos, sin = kernels.rope_cos_sin(torch.arange(seq), spec.head_dim, spec.rope_theta, dtype=self.dtype,
+                                            device=dev)
         ckpts = CheckpointStore(dev, self._offload(n_rows * seq), self.device_ledger, self.host_ledger)
         # HF's load-balancing loss couples the MoE layers: E * sum_e f_e * P_e with f and P
         # averaged over all MoE layers and all tokens of the step. The forward gathers the
@@ -200,8 +205,17 @@ class LayerMajorEngine:
             # ---- forward, layer-major, autograd off
             with torch.no_grad():
                 slot = streamer.acquire(("fwd", embed.key))
-                views = embed.layout.views(slot)
-                hidden = [embed.defn.template.forward(views, ids) for ids in ids_mb]
+                if prologue is None:
+                    views = embed.layout.views(slot)
+                    hidden = [embed.defn.template.forward(views, ids) for ids in ids_mb]
+                    block_args = [(cos, sin)] * len(ids_mb)
+                else:
+                    # Each run keeps what its blocks are handed and a graph back to the slot
+                    # (the embedding's backward then needs no second stream of its weights).
+                    prologue_runs = [prologue(slot, embed.layout, ids) for ids in ids_mb]
+                    hidden = [r.hidden for r in prologue_runs]
+                    block_args = [(r,) for r in prologue_runs]
+                    self.device_ledger.hold("block-context", sum(r.nbytes for r in prologue_runs))
                 streamer.release(("fwd", embed.key))
                 self._hold_list("hidden", hidden)
                 for b in blocks:
@@ -210,9 +224,9 @@ class LayerMajorEngine:
                     views = b.layout.views(slot)
                     out = []
                     moe_aux = aux_coef and b.defn.template.kind == "moe"
-                    for x in hidden:
+                    for x, args in zip(hidden, block_args):
                         stats = [] if moe_aux else None
-                        y = b.defn.template.forward(views, x, cos, sin, router_stats=stats)
+                        y = b.defn.template.forward(views, x, *args, router_stats=stats)
                         if stats:
                             route_probs += stats[0][0]
                             route_counts += stats[0][1]
@@ -294,12 +308,12 @@ class LayerMajorEngine:
                 self.device_ledger.hold("layer-acc", tensor_bytes(acc))
                 new_grads = []
                 moe_aux = aux_coef and b.defn.template.kind == "moe"
-                for x, gy in zip(xs, grads_out):
+                for x, gy, args in zip(xs, grads_out, block_args):
                     x = x.detach().requires_grad_()
                     saved = SavedActivations([slot.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()])
                     stats = [] if moe_aux else None
                     with torch.enable_grad(), saved.hooks():
-                        y = b.defn.template.forward(views, x, cos, sin, router_stats=stats)
+                        y = b.defn.template.forward(views, x, *args, router_stats=stats)
                         outs, grads = (y,), (gy,)
                         if stats:
                             outs += (aux_scale * (stats[0][0] * route_counts).sum(),)
@@ -323,10 +337,16 @@ class LayerMajorEngine:
             # ---- embedding: a scatter of the gradient, no weights needed (tied: plus the head's)
             eacc = tied_acc if tied else torch.zeros(embed.numel, dtype=torch.float32, device=dev)
             self.device_ledger.hold("layer-acc", tensor_bytes(eacc))
-            v, hdim = spec.vocab_size, spec.hidden_size
-            ew = eacc[: v * hdim].view(v, hdim)
-            for ids, gy in zip(ids_mb, grads_out):
-                embed.defn.template.weight_grad_(ew, ids, gy)
+            if prologue is None:
+                v, hdim = spec.vocab_size, spec.hidden_size
+                ew = eacc[: v * hdim].view(v, hdim)
+                for ids, gy in zip(ids_mb, grads_out):
+                    embed.defn.template.weight_grad_(ew, ids, gy)
+            else:
+                for run, gy in zip(prologue_runs, grads_out):
+                    kernels.accumulate_grad_(eacc, run.weight_grad(gy))
+                del prologue_runs, block_args
+                self.device_ledger.drop("block-context")
             del grads_out
             self.device_ledger.drop("grads-out")
             skipped_layers += self._land(embed, eacc, norms, step=step, lr=lr, betas=betas, eps=eps,
@@ -387,7 +407,7 @@ class LayerMajorEngine:
         pass
 
     def _drop_step_holdings(self) -> None:
-        for name in ("hidden", "grads-out", "head-acc", "layer-acc"):
+        for name in ("hidden", "grads-out", "head-acc", "layer-acc", "block-context"):
             self.device_ledger.drop(name)
 
     def _land(self, layer: HostLayer, acc: torch.Tensor, norms: list, *, step, lr, betas, eps, weight_decay) -> int:

@@ -125,6 +125,10 @@ class HostModel:
     def init_random_(self, seed: int) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise HorizonError(f"seed must be an int, got {seed!r}")
+        own = getattr(self.spec, "init_host_model_", None)
+        if own is not None:  # the hf path: the model's own `_init_weights`
+            own(self, seed)
+            return
         gen = torch.Generator().manual_seed(seed)
         std = self.spec.initializer_range
         for name, view in self.hf_views().items():

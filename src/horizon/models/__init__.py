@@ -36,6 +36,8 @@ class LayerDef:
 
 def layer_defs(spec: ModelSpec) -> list[LayerDef]:
     """Embedding, the decoder blocks in order, then the head (final norm [+ LM head])."""
+    if getattr(spec, "model_path", "native") == "hf":
+        return spec.layer_defs()  # transformers' own modules (models/hf)
     dense = DecoderBlockTemplate(spec)
     moe = MoEBlockTemplate(spec) if spec.is_moe else None
     moe_layers = set(spec.moe_layers)
@@ -57,3 +59,19 @@ def init_tensor_(name: str, tensor: torch.Tensor, std: float, generator: torch.G
         else:
             # Draw in fp32 on the CPU so the result does not depend on the destination.
             tensor.copy_(torch.empty(tensor.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
+
+
+def resolve(config: dict, model_path: str = "auto"):
+    """The spec to train a config.json with: native when it implements every feature the
+    config uses ("auto"), else transformers' own modules (models/hf). See `models.hf.select`."""
+    from .hf.select import resolve as _resolve
+
+    return _resolve(config, model_path)
+
+
+def summarize(config: dict, model_path: str = "auto"):
+    """`resolve` plus parameter counts (total, active, per layer) for `horizon plan`."""
+    from .hf.select import summarize as _summarize
+
+    return _summarize(config, model_path)
+

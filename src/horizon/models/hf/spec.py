@@ -1,0 +1,168 @@
+"""`HFModelSpec`: the hf path's model description, with the same interface the engine, the
+host store and the trainer read from a native `ModelSpec` (sizes, tying, layer list, config)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ...errors import HorizonError
+from .structure import Structure, _quiet_transformers, discover
+
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
+_TOPK_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "top_k", "experts_per_token")
+
+
+def _text_config(config):
+    try:
+        return config.get_text_config()
+    except Exception:  # noqa: BLE001
+        return config
+
+
+def _first_int(obj, keys):
+    for k in keys:
+        v = getattr(obj, k, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return 0
+
+
+class HFModelSpec:
+    """A transformers causal LM trained through its own modules (see `horizon.models.hf`)."""
+
+    model_path = "hf"
+    # The engine's own load-balancing-loss path is for the native MoE template; here any
+    # router loss would be the model's own (refused at discovery when it couples the layers).
+    router_aux_loss_coef = 0.0
+    moe_layers = ()
+    sliding_window = None  # windows are the model's own masks: no sequence limit from them
+
+    def __init__(self, cfg: dict, structure: Structure):
+        self.config = dict(cfg)
+        self.structure = structure
+        s = structure
+        self.architecture = s.name
+        self.model_type = cfg.get("model_type")
+        shapes = {n: tuple(p.shape) for n, p in s.model.named_parameters()}
+        emb = shapes[s.embed_name]
+        if len(emb) != 2:
+            raise HorizonError(f"{s.name}: the input embedding {s.embed_name} is not a matrix: {emb}")
+        self.vocab_size, self.hidden_size = emb
+        self.num_layers = s.num_layers
+        self.tie_word_embeddings = s.tied
+        text = _text_config(s.config)
+        self.num_experts = _first_int(text, _EXPERT_KEYS)
+        self.num_experts_per_tok = _first_int(text, _TOPK_KEYS) if self.num_experts else 0
+        init = getattr(text, "initializer_range", 0.02)
+        self.initializer_range = float(init) if isinstance(init, (int, float)) else 0.02
+        self._defs = None
+
+    def __repr__(self) -> str:
+        return f"HFModelSpec({self.architecture}, layers={self.num_layers}, hidden={self.hidden_size})"
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "HFModelSpec":
+        return cls(cfg, discover(cfg))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def hf_config(self) -> dict:
+        """The config.json to write on export: the source's, unchanged but for the architecture."""
+        cfg = dict(self.config)
+        cfg["architectures"] = [self.architecture]
+        return cfg
+
+    # ------------------------------------------------------------------ layers
+    def layer_defs(self) -> list:
+        from .. import LayerDef
+        from .templates import BlockTemplate, EpilogueTemplate, PrologueTemplate, _Shared
+
+        if self._defs is None:
+            shared = _Shared(self.structure)
+            self._defs = (
+                [LayerDef("embed", PrologueTemplate(shared))]
+                + [LayerDef(f"layers.{i}", BlockTemplate(shared, i), i) for i in range(self.num_layers)]
+                + [LayerDef("head", EpilogueTemplate(shared))]
+            )
+        return self._defs
+
+    def optional_checkpoint_tensors(self) -> dict:
+        """Names a checkpoint may carry that this model does not train (a tied head's copy of
+        the embedding) -> their shapes."""
+        if not self.tie_word_embeddings:
+            return {}
+        s = self.structure
+        out = {}
+        for n, p in s.model.named_parameters(remove_duplicate=False):
+            if n != s.embed_name and not n.startswith(s.layers_path + ".") and n not in s.epilogue:
+                if p is dict(s.model.named_parameters())[s.embed_name]:
+                    out[n] = tuple(p.shape)
+        return out
+
+    def layer_numels(self) -> dict:
+        """Layer key -> parameter count (what each slab holds, before alignment)."""
+        return {d.key: sum(math.prod(s) for s in d.shapes.values()) for d in self.layer_defs()}
+
+    # ------------------------------------------------------------------ initialisation
+    def init_host_model_(self, host_model, seed: int) -> None:
+        """The model's own `_init_weights`, module by module (one materialised at a time),
+        under a private RNG seeded with `seed`."""
+        s = self.structure
+        model = s.model
+        with torch.random.fork_rng(devices=[]), _quiet_transformers():
+            torch.manual_seed(seed)
+            for layer in host_model.layers:
+                defn = layer.defn
+                views = layer.master_views()
+                t = defn.template
+                if defn.index is not None:
+                    self._init_module_params(model, t.module, {n: views[n] for n in views})
+                else:
+                    full = {getattr(t, "names", {}).get(n, n): v for n, v in views.items()}
+                    self._init_named(model, full)
+                    consts = getattr(t, "constants", {})
+                    unused = {n: c for n, c in consts.items() if n in set(s.unused)}
+                    self._init_named(model, unused)
+
+    @staticmethod
+    def _init_module_params(model, module, dests: dict) -> None:
+        from transformers import initialization as init
+
+        real = copy.deepcopy(module).to_empty(device="cpu")
+        with torch.no_grad(), init.guard_torch_init_functions():
+            for sub in _post_order(real):
+                model._init_weights(sub)
+        params = dict(real.named_parameters())
+        with torch.no_grad():
+            for n, dst in dests.items():
+                dst.copy_(params[n].detach().reshape(dst.shape))
+
+    def _init_named(self, model, dests: dict) -> None:
+        """Initialises full-named parameters through their owning modules."""
+        by_owner: dict = {}
+        for n, dst in dests.items():
+            owner, _, leaf = n.rpartition(".")
+            by_owner.setdefault(owner, {})[leaf] = dst
+        for owner, leaves in by_owner.items():
+            module = model.get_submodule(owner) if owner else model
+            if module is model:  # a parameter of the model itself: HF's default scheme
+                for dst in leaves.values():
+                    with torch.no_grad():
+                        dst.normal_(0.0, self.initializer_range)
+                continue
+            shallow = copy.copy(module)
+            shallow._modules = {}
+            shallow._parameters = dict(module._parameters)
+            shallow._buffers = dict(module._buffers)
+            self._init_module_params(model, shallow, {k: v for k, v in leaves.items()})
+
+
+def _post_order(module):
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
