@@ -150,6 +150,7 @@ class HostModel:
             out[f"{layer.key}.master"] = s.master
             out[f"{layer.key}.exp_avg"] = s.exp_avg
             out[f"{layer.key}.exp_avg_sq"] = s.exp_avg_sq
+        out.update(constant_tensors(self.layers))
         return out
 
     def load_state_tensors_(self, tensors: dict) -> None:
@@ -157,5 +158,15 @@ class HostModel:
         own = self.state_tensors()
         check_state_sources(tensors, {name: dst.numel() for name, dst in own.items()})
         for name, dst in own.items():
-            dst.copy_(read_state_range(tensors[name], 0, dst.numel()))
+            dst.view(-1).copy_(read_state_range(tensors[name], 0, dst.numel()))
         self.sync_bf16_()
+
+
+def constant_tensors(layers) -> dict:
+    """`<layer>.const.<name>` -> the host tensors a layer keeps but does not train (the hf
+    path's persistent buffers, e.g. a router's expert biases), so checkpoints hold them too."""
+    out = {}
+    for layer in layers:
+        for name, t in getattr(layer.defn.template, "constants", {}).items():
+            out[f"{layer.key}.const.{name}"] = t
+    return out
