@@ -260,7 +260,10 @@ class LayerMajorEngine:
                     loss_sum = head.defn.template.loss_sum(head_views, h, lab, head_weight, chunk_size=self.loss_chunk_size)
                     scaled = loss_sum * inv_tokens
                 self.device_ledger.transient(saved.nbytes)
-                g = torch.autograd.grad(scaled, (h,) + wrt)
+                # allow_unused: a head with no weights of its own (tied, no final norm) leaves
+                # its empty slot out of the graph.
+                g = torch.autograd.grad(scaled, (h,) + wrt, allow_unused=True)
+                g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, (h,) + wrt)]
                 grads_out.append(g[0])
                 kernels.accumulate_grad_(head_acc, g[1])
                 if tied:

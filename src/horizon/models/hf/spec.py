@@ -46,8 +46,7 @@ class HFModelSpec:
         s = structure
         self.architecture = s.name
         self.model_type = cfg.get("model_type")
-        shapes = {n: tuple(p.shape) for n, p in s.model.named_parameters()}
-        emb = shapes[s.embed_name]
+        emb = tuple(s.model.get_parameter(s.embed_name).shape)
         if len(emb) != 2:
             raise HorizonError(f"{s.name}: the input embedding {s.embed_name} is not a matrix: {emb}")
         self.vocab_size, self.hidden_size = emb
@@ -97,12 +96,9 @@ class HFModelSpec:
         if not self.tie_word_embeddings:
             return {}
         s = self.structure
-        out = {}
-        for n, p in s.model.named_parameters(remove_duplicate=False):
-            if n != s.embed_name and not n.startswith(s.layers_path + ".") and n not in s.epilogue:
-                if p is dict(s.model.named_parameters())[s.embed_name]:
-                    out[n] = tuple(p.shape)
-        return out
+        embed = s.model.get_parameter(s.embed_name)
+        return {n: tuple(p.shape) for n, p in s.model.named_parameters(remove_duplicate=False)
+                if p is embed and n != s.embed_name}
 
     def layer_numels(self) -> dict:
         """Layer key -> parameter count (what each slab holds, before alignment)."""
@@ -120,14 +116,12 @@ class HFModelSpec:
                 defn = layer.defn
                 views = layer.master_views()
                 t = defn.template
+                consts = getattr(t, "init_constants", {})  # frozen / unused parameters
                 if defn.index is not None:
-                    self._init_module_params(model, t.module, {n: views[n] for n in views})
+                    self._init_module_params(model, t.module, {**views, **consts})
                 else:
                     full = {getattr(t, "names", {}).get(n, n): v for n, v in views.items()}
-                    self._init_named(model, full)
-                    consts = getattr(t, "constants", {})
-                    unused = {n: c for n, c in consts.items() if n in set(s.unused)}
-                    self._init_named(model, unused)
+                    self._init_named(model, {**full, **consts})
 
     @staticmethod
     def _init_module_params(model, module, dests: dict) -> None:

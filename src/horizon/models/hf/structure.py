@@ -80,6 +80,12 @@ def causal_lm_registry() -> dict:
     return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def one_line(e: BaseException) -> str:
+    """`Type: first line of the message`, for one-line refusals."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
 def _name_of(cfg: dict) -> str:
     archs = cfg.get("architectures") or []
     if archs and isinstance(archs[0], str):
@@ -96,11 +102,14 @@ def config_object(cfg: dict):
     model_type = cfg.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise Refusal(f"{_name_of(cfg)}: model_type {model_type!r} is not a transformers model type")
+    cls = CONFIG_MAPPING[model_type]
     try:
         with _quiet_transformers():
-            return CONFIG_MAPPING[model_type].from_dict(dict(cfg))
+            # As transformers reads a config.json: JSON's stand-ins for inf / nan decoded.
+            decode = getattr(cls, "_decode_special_floats", None)
+            return cls.from_dict(decode(dict(cfg)) if decode else dict(cfg))
     except Exception as e:  # noqa: BLE001 - a config transformers rejects is user input
-        raise HorizonError(f"{_name_of(cfg)}: transformers rejects this config: {type(e).__name__}: {e}") from None
+        raise Refusal(f"{_name_of(cfg)}: transformers rejects this config ({one_line(e)})") from None
 
 
 def model_class(cfg: dict, config):
@@ -140,8 +149,7 @@ def build_meta_model(cfg: dict):
     except Refusal:
         raise
     except Exception as e:  # noqa: BLE001 - transformers cannot build it: a refusal, with its words
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise Refusal(f"{name}: transformers cannot build it from this config ({type(e).__name__}: {msg})") from None
+        raise Refusal(f"{name}: transformers cannot build it from this config ({one_line(e)})") from None
     model.train()
     return config, cls, model
 
@@ -177,6 +185,10 @@ def _hidden_of(args, kwargs):
     raise HorizonError("a decoder layer was called without hidden states")
 
 
+class _Sentinel:
+    """Stands for a layer output besides the hidden states during discovery."""
+
+
 class ShimRun:
     """One forward of the model with shims in place of its layers.
 
@@ -184,7 +196,7 @@ class ShimRun:
     `replay` from the last layer (the epilogue then runs on it); "discover": record and pass the
     hidden states through every layer, checking the order and the hand-over."""
 
-    def __init__(self, n_layers: int, mode: str, returns: str = "tensor", replay=None):
+    def __init__(self, n_layers: int, mode: str, returns=1, replay=None):
         self.n = n_layers
         self.mode = mode
         self.returns = returns
@@ -194,9 +206,16 @@ class ShimRun:
         self.handed = []  # discover: whether layer i received what layer i-1 returned
         self._last_out = None
         self.on_phase = None  # discover: callback(phase) for the tracer
+        self.extras: list = []  # discover: the sentinels handed out
 
     def _wrap(self, h):
-        return (h,) if self.returns == "tuple" else h
+        # `returns`: 0 a tensor, k a k-tuple (the hidden states, then k - 1 outputs the model
+        # drops; in discovery each is a sentinel, so one handed on to a later layer shows).
+        if not self.returns:
+            return h
+        extra = [_Sentinel() if self.mode == "discover" else None for _ in range(self.returns - 1)]
+        self.extras.extend(e for e in extra if e is not None)
+        return (h, *extra)
 
     def on_layer(self, index: int, args, kwargs):
         if index != len(self.calls):
@@ -323,7 +342,7 @@ class Structure:
     model: nn.Module              # meta parameters, real buffers; layers in place
     layers_path: str              # e.g. "model.layers"
     num_layers: int
-    returns: str                  # how a layer returns: "tensor" or "tuple"
+    returns: int                  # how a layer returns: 0 a tensor, k a k-tuple led by the hidden states
     prologue: list                # non-layer parameter names the forward uses before layer 0
     epilogue: list                # ... after the last layer (the tied input embedding may be in both)
     unused: list                  # non-layer parameters the forward never uses: kept, not trained
@@ -331,6 +350,7 @@ class Structure:
     tied: bool                    # the epilogue uses the input embedding weight as its head
     layer_buffers_persistent: set = field(default_factory=set)  # full names of persistent buffers
     nonlayer_buffers: list = field(default_factory=list)         # full names of non-layer buffers
+    frozen: set = field(default_factory=set)  # parameters transformers does not train: kept, bound, not trained
 
     def layer(self, i: int) -> nn.Module:
         return self.model.get_submodule(self.layers_path)[i]
@@ -359,36 +379,43 @@ def _find_layer_list(name: str, model: nn.Module, config) -> str:
     if not candidates:
         raise Refusal(f"{name}: no decoder layer list found (no nn.ModuleList of layers with parameters)")
     candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
-    _, _, path, mod = candidates[0]
-    classes = {type(m).__name__ for m in mod}
-    return path
+    return candidates[0][2]
 
 
 def _check_shared_parameters(name: str, model: nn.Module, layers_path: str) -> None:
+    """A parameter may be shared only outside the layers (a tied head)."""
     owners: dict = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
     prefix = layers_path + "."
     for names in owners.values():
-        if len(names) < 2:
-            continue
-        in_layers = {n[len(prefix):].split(".", 1)[0] for n in names if n.startswith(prefix)}
-        if len(in_layers) > 1 or (in_layers and len(in_layers) != len(names) and any(not n.startswith(prefix) for n in names)):
+        if len(names) > 1 and any(n.startswith(prefix) for n in names):
             raise Refusal(f"{name}: parameter {names[0]} is shared with {names[1]} (weights shared across layers)")
 
 
-def _input_embedding_name(model: nn.Module) -> str | None:
+def _canonical_names(model: nn.Module) -> dict:
+    """id(parameter) -> its name; for tied parameters the name transformers keeps on save."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        kept = set(remove_tied_weights_from_state_dict(dict(named), model))
+    except Exception:  # noqa: BLE001 - then the first name, as named_parameters() gives it
+        kept = {n for n, _ in named}
+    canon: dict = {}
+    for n, p in named:
+        if id(p) not in canon or (canon[id(p)] not in kept and n in kept):
+            canon[id(p)] = n
+    return canon
+
+
+def _input_embedding_name(model: nn.Module, canon: dict) -> str | None:
     try:
         emb = model.get_input_embeddings()
     except Exception:  # noqa: BLE001 - not every model implements it
         return None
     w = getattr(emb, "weight", None)
-    if w is None:
-        return None
-    for pname, p in model.named_parameters():
-        if p is w:
-            return pname
-    return None
+    return canon.get(id(w)) if w is not None else None
 
 
 def _describe_cache(value) -> str | None:
@@ -413,23 +440,30 @@ def discover(cfg: dict) -> Structure:
     _check_shared_parameters(name, model, layers_path)
 
     prefix = layers_path + "."
-    nonlayer = [(pn, p) for pn, p in model.named_parameters() if not pn.startswith(prefix)]
+    # Parameters transformers does not train (requires_grad False, e.g. fixed sinusoidal
+    # position tables) are kept and bound like buffers, never trained.
+    canon = _canonical_names(model)
+    params = [(canon[id(p)], p) for _, p in model.named_parameters()]
+    frozen = {pn for pn, p in params if not p.requires_grad}
+    nonlayer = [(pn, p) for pn, p in params if not pn.startswith(prefix) and pn not in frozen]
     persistent = set(model.state_dict().keys())
     layer_buffers_persistent = {bn for bn, _ in model.named_buffers() if bn.startswith(prefix) and bn in persistent}
     nonlayer_buffers = [bn for bn, _ in model.named_buffers() if not bn.startswith(prefix)]
-    embed_name = _input_embedding_name(model)
+    embed_name = _input_embedding_name(model, canon)
 
     vocab = getattr(config.get_text_config(), "vocab_size", None) if hasattr(config, "get_text_config") else None
     vocab = vocab if isinstance(vocab, int) and vocab > 0 else 8
     ids = (torch.arange(16).view(2, 8) * 7 + 1) % vocab
 
     last_error = None
-    for returns in ("tensor", "tuple"):
+    for returns in (0, 1, 2, 3):
         bound = {pn: zero_stride(p.shape, torch.float32, "cpu", requires_grad=True) for pn, p in nonlayer}
         tracer = _UseTracer({id(t): pn for pn, t in bound.items()})
         run = ShimRun(n, "discover", returns=returns, replay=None)
         run.on_phase = lambda phase, tr=tracer: setattr(tr, "phase", phase)
         bufs = {bn: b for bn, b in model.named_buffers() if not bn.startswith(prefix)}
+        bufs.update({pn: zero_stride(p.shape, torch.float32, "cpu") for pn, p in params
+                     if pn in frozen and not pn.startswith(prefix)})
         hook = model.register_forward_pre_hook(lambda *_a, tr=tracer: setattr(tr, "phase", "prologue"))
         try:
             with _quiet_transformers(), shims_in_place(model, layers_path, run), tracer, torch.enable_grad():
@@ -439,20 +473,27 @@ def discover(cfg: dict) -> Structure:
         except Refusal as e:
             raise Refusal(f"{name}: {e}") from None
         except Exception as e:  # noqa: BLE001 - the forward does not run with shims: say why
-            last_error = e
+            last_error = last_error or e
             continue
         finally:
             hook.remove()
         if len(run.calls) != n:
             raise Refusal(f"{name}: the forward called {len(run.calls)} of its {n} decoder layers")
         if all(run.handed):
+            handed_on = {id(x) for x in run.extras}
+            for i, call in enumerate(run.calls):
+                for leaf in pytree.tree_leaves((call.args, call.kwargs)):
+                    if id(leaf) in handed_on:
+                        raise Refusal(f"{name}: decoder layer {i} is handed another layer's output besides the "
+                                      "hidden states (state across layers)")
+            if any(id(leaf) in handed_on for leaf in pytree.tree_leaves(out)):
+                raise Refusal(f"{name}: its output uses the decoder layers' outputs besides the hidden states")
             break
         last_error = None
     else:
         if last_error is not None:
-            msg = str(last_error).strip().splitlines()[0] if str(last_error).strip() else ""
             raise Refusal(f"{name}: its forward does not run with the decoder layers stood in for "
-                          f"({type(last_error).__name__}: {msg})")
+                          f"({one_line(last_error)})")
         raise Refusal(f"{name}: the forward changes the hidden states between decoder layers "
                       "(not a plain stack of layers)")
 
@@ -488,14 +529,11 @@ def discover(cfg: dict) -> Structure:
         epilogue = [pn for pn in epilogue if pn != embed_name]
     if not epilogue and not tied:
         raise Refusal(f"{name}: no head found after the last decoder layer")
-    if not epilogue:
-        raise Refusal(f"{name}: its head has no parameters of its own besides the tied embedding "
-                      "(no final norm); not supported")
     _check_router_loss(name, config)
     return Structure(
         name=name, config=config, model=model, layers_path=layers_path, num_layers=n, returns=returns,
         prologue=prologue, epilogue=epilogue, unused=unused, embed_name=embed_name, tied=tied,
-        layer_buffers_persistent=layer_buffers_persistent, nonlayer_buffers=nonlayer_buffers,
+        layer_buffers_persistent=layer_buffers_persistent, nonlayer_buffers=nonlayer_buffers, frozen=frozen,
     )
 
 

@@ -23,8 +23,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ...errors import HorizonError
 from .names import DiskNames
-from .structure import ShimRun, _Stop, forward_kwargs, logits_of, shims_in_place, zero_stride
+from .structure import ShimRun, _canonical_names, _Stop, forward_kwargs, logits_of, shims_in_place, zero_stride
 
 DEFAULT_LOSS_CHUNK_TOKENS = 1024
 
@@ -92,9 +93,14 @@ class _Shared:
     def __init__(self, structure):
         self.s = structure
         model = structure.model
-        self.nonlayer_buffers = _DeviceBuffers({n: b for n, b in model.named_buffers() if n in set(structure.nonlayer_buffers)})
-        self.nonlayer_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()
-                                if not n.startswith(structure.layers_path + ".")}
+        prefix = structure.layers_path + "."
+        canon = _canonical_names(model)
+        self.nonlayer_shapes = {canon[id(p)]: tuple(p.shape) for _, p in model.named_parameters()
+                                if not canon[id(p)].startswith(prefix)}
+        # Parameters transformers does not train, outside the layers: host tensors, bound like buffers.
+        self.frozen = {n: torch.zeros(shape) for n, shape in self.nonlayer_shapes.items() if n in structure.frozen}
+        named = {n: b for n, b in model.named_buffers() if n in set(structure.nonlayer_buffers)}
+        self.nonlayer_buffers = _DeviceBuffers({**named, **self.frozen})
 
     def call_model(self, bound: dict, device, run: ShimRun, input_ids, position_ids=None):
         s = self.s
@@ -182,6 +188,18 @@ def _rng_replayed(device: torch.device, state):
             torch.cuda.set_rng_state(before[1], device)
 
 
+def _containers(kwargs: dict) -> list:
+    """What a layer could leave behind in the mutable objects it is handed: their sizes."""
+    out = []
+    for k, v in kwargs.items():
+        if isinstance(v, (dict, list, set)) or hasattr(v, "__setitem__") and not isinstance(v, torch.Tensor):
+            try:
+                out.append((k, len(v)))
+            except TypeError:
+                pass
+    return out
+
+
 class BlockTemplate:
     kind = "decoder"
 
@@ -191,10 +209,14 @@ class BlockTemplate:
         s = shared.s
         self.module = s.layer(index)
         self.prefix = f"{s.layers_path}.{index}."
-        self.shapes = {n: tuple(p.shape) for n, p in self.module.named_parameters()}
+        params = dict(self.module.named_parameters())
+        self.shapes = {n: tuple(p.shape) for n, p in params.items() if self.prefix + n not in s.frozen}
+        # Parameters transformers does not train: kept on the host, bound like buffers.
+        self.init_constants = {n: torch.zeros(p.shape) for n, p in params.items() if self.prefix + n in s.frozen}
         bufs = dict(self.module.named_buffers())
-        self.buffers = _DeviceBuffers(bufs)
+        self.buffers = _DeviceBuffers({**bufs, **self.init_constants})
         self.constants = {n: b for n, b in bufs.items() if self.prefix + n in s.layer_buffers_persistent}
+        self.constants.update(self.init_constants)
         self._disk = DiskNames(s.model, {self.prefix + n: shape for n, shape in self.shapes.items()},
                                {self.prefix + n: b for n, b in self.constants.items()})
 
@@ -210,7 +232,12 @@ class BlockTemplate:
                 out = torch.func.functional_call(self.module, bound, args, kwargs, strict=False)
         else:
             run.rng[self.index] = _rng_state(x.device)
+            before = _containers(kwargs)
             out = torch.func.functional_call(self.module, bound, args, kwargs, strict=False)
+            if _containers(kwargs) != before:
+                raise HorizonError(f"{self.shared.s.name}: decoder layer {self.index} writes into an object its "
+                                   "forward hands every layer (state shared across layers, e.g. shared KV); "
+                                   "the hf path recomputes layers one at a time and cannot train it")
         if not isinstance(out, torch.Tensor):
             out = out[0]
         return out
@@ -265,8 +292,11 @@ class EpilogueTemplate:
         self.shared = shared
         s = shared.s
         self.shapes = {n: shared.nonlayer_shapes[n] for n in s.epilogue}
-        # Parameters the forward never uses (kept, exported, not trained): host tensors.
-        self.constants = {n: torch.zeros(shared.nonlayer_shapes[n], dtype=torch.float32) for n in s.unused}
+        # Parameters the forward never uses or transformers does not train (kept, exported,
+        # not trained): host tensors; the frozen ones are bound in every run of the model.
+        self.init_constants = {n: torch.zeros(shared.nonlayer_shapes[n], dtype=torch.float32) for n in s.unused}
+        self.init_constants.update(shared.frozen)
+        self.constants = dict(self.init_constants)
         nonlayer_persistent = {n: b for n, b in s.model.named_buffers()
                                if n in set(s.nonlayer_buffers) and n in set(s.model.state_dict().keys())}
         self.constants.update(nonlayer_persistent)
