@@ -406,8 +406,17 @@ def test_auto_chooses_native_when_it_implements_the_config_else_hf():
 @pytest.mark.parametrize("config, reason", [
     ({"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "d_model": 32, "num_layers": 2,
       "num_heads": 2, "d_kv": 8, "d_ff": 64, "vocab_size": 64}, "causal-LM registry|encoder-decoder"),
-    ({"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64, "state_size": 4},
-     "not self-contained|between decoder layers|cache|stood in"),
+    # RWKV hands each layer's recurrent state on to the next one: not a stack of layers.
+    ({"model_type": "rwkv", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64,
+      "attention_hidden_size": 32, "intermediate_size": 64, "context_length": 32}, "state across layers"),
+    # HRM runs its layer stacks several times per forward (recurrent depth).
+    ({"model_type": "hrm_text", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+      "head_dim": 16, "vocab_size": 64, "num_layers_per_stack": 2}, "once each, in order"),
+    # CPM-Ant hands every layer a position bias computed from weights of its own.
+    ({"model_type": "cpmant", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+      "dim_head": 16, "dim_ff": 64, "vocab_size": 64, "prompt_length": 4}, "not self-contained"),
+    # Mamba's blocks are self-contained (the recurrence is along positions, inside a layer): trains.
+    ({"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64, "state_size": 4}, None),
     ({"model_type": "no_such_model"}, "not a transformers model type"),
     ({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 64, "n_positions": 32},
      None),  # trains: the control

@@ -434,6 +434,7 @@ def discover(cfg: dict) -> Structure:
     line naming the architecture and the reason when the hf path cannot train it."""
     config, cls, model = build_meta_model(cfg)
     name = cls.__name__
+    _check_router_loss(name, config)
     layers_path = _find_layer_list(name, model, config)
     layers = model.get_submodule(layers_path)
     n = len(layers)
@@ -529,7 +530,6 @@ def discover(cfg: dict) -> Structure:
         epilogue = [pn for pn in epilogue if pn != embed_name]
     if not epilogue and not tied:
         raise Refusal(f"{name}: no head found after the last decoder layer")
-    _check_router_loss(name, config)
     return Structure(
         name=name, config=config, model=model, layers_path=layers_path, num_layers=n, returns=returns,
         prologue=prologue, epilogue=epilogue, unused=unused, embed_name=embed_name, tied=tied,
