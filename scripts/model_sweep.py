@@ -270,9 +270,11 @@ def run_one(model_type: str, class_name: str) -> dict:
         decay = (1.0 - HP["lr"] * HP["weight_decay"]) ** STEPS
         no_grad = []
         excess = {}
+        params = {n for n, _ in ref.named_parameters(remove_duplicate=False)}
         for n, w in want.items():
             if w.is_floating_point():
-                if torch.equal(w, init[n]) and torch.equal(floor[n], init[n]) and w.abs().sum() > 0:
+                if (n in params and torch.equal(w, init[n]) and torch.equal(floor[n], init[n])
+                        and w.abs().sum() > 0):
                     no_grad.append(n)
                     w = init[n] * decay
                 allowed = max(TOLERANCE, NOISE_FACTOR * _weight_error(floor[n], want[n]))

@@ -371,6 +371,76 @@ def test_hf_path_from_config_initialises_with_the_models_own_scheme():
     assert t.num_parameters == reference.num_parameters()
 
 
+def test_hf_path_loads_checkpoints_with_tensors_transformers_ignores(tmp_path):
+    """A published DeepSeek-V3 checkpoint also holds its multi-token-prediction layer
+    (model.layers.61.*), which transformers skips on load; so must Horizon."""
+    from safetensors.torch import load_file, save_file
+
+    src = _save_tiny(FAMILIES["deepseek_v3"], tmp_path / "model")
+    tensors = load_file(str(src / "model.safetensors"))
+    save_file(dict(tensors, **{"model.layers.61.enorm.weight": torch.ones(64)}), str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    t = horizon.Trainer.from_pretrained(src, device="cpu")
+    assert torch.equal(t.model.hf_views()["model.norm.weight"], tensors["model.norm.weight"])
+    save_file(dict(tensors, **{"model.layers.7.enorm.weight": torch.ones(64)}), str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(HorizonError, match="unexpected tensor"):
+        horizon.Trainer.from_pretrained(src, device="cpu")
+
+
+def test_hf_path_bf16_compute_tracks_the_fp32_reference(tmp_path):
+    """bf16 compute (fp32 master) on the CPU against transformers in fp32: losses within 5e-3
+    relative (test_engine's bf16 tolerance)."""
+    src = _save_tiny(FAMILIES["olmoe"], tmp_path / "model")
+    batches = _batches(8, 4)
+    ref_losses, _, _ = _reference_run(src, batches, grad_clip=None, **HP)
+    t = horizon.Trainer.from_pretrained(src, device="cpu", compute_dtype="bf16", micro_batch_size=2, **HP)
+    assert t.compute_dtype == torch.bfloat16 and t.spec.model_path == "hf"
+    for a, b in zip(_train(t, batches), ref_losses):
+        assert abs(a - b) <= 5e-3 * abs(b)
+    for layer in t.model.layers:  # what streams is the rounded master, written in the AdamW pass
+        assert torch.equal(layer.slab.weights_bf16, layer.slab.master.to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gemma2", "deepseek_v3"])
+def test_cuda_hf_path_bf16_tracks_the_cpu_fp32_hf_path(family):
+    """CUDA bf16 against the CPU fp32 hf path (held equal to transformers above): losses within
+    5e-3, each tensor's total update within 0.3 relative (test_engine's bf16 tolerances)."""
+    cfg = FAMILIES[family]
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, VOCAB, (4, 16), generator=gen) for _ in range(8)]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        t = horizon.Trainer.from_config(cfg, seed=1, device=device, micro_batch_size=2, **HP)
+        assert t.spec.model_path == "hf"
+        losses = [t.train_step(ids) for ids in batches]
+        t.synchronize()
+        runs[device] = (losses, {k: v.clone() for k, v in t.model.hf_views().items()}, t)
+    init = horizon.Trainer.from_config(cfg, seed=1, device="cpu").model.hf_views()
+    assert runs["cuda"][2].compute_dtype == torch.bfloat16
+    for a, b in zip(runs["cuda"][0], runs["cpu"][0]):
+        assert abs(a - b) <= 5e-3 * abs(b)
+    for name, ref in runs["cpu"][1].items():
+        assert _rel(runs["cuda"][1][name] - init[name], ref - init[name]) <= 0.3, name
+
+
+@pytest.mark.gpu
+def test_cuda_hf_path_streams_twice_and_device_bytes_are_flat_in_depth():
+    peaks = {}
+    for layers in (4, 16):
+        t = horizon.Trainer.from_config(_moe_config(layers), device="cuda", micro_batch_size=2,
+                                        offload_checkpoints=True, model_path="hf")
+        sizes = {layer.key: layer.numel * 2 for layer in t.model.layers}
+        for _ in range(2):
+            t.train_step(torch.randint(0, VOCAB, (4, 16)))
+        blocks = sum(v for k, v in sizes.items() if k.startswith("layers."))
+        assert t.stats["weight_bytes_h2d"] == 2 * (2 * blocks + sizes["embed"] + sizes["head"])
+        assert t.engine.layer_landings == {k: 1 for k in sizes}
+        peaks[layers] = t.stats["peak_device_bytes"]
+    assert abs(peaks[16] - peaks[4]) <= 0.05 * peaks[4], peaks
+
+
 # ------------------------------------------------------------------ choosing the path, refusing
 def test_auto_chooses_native_when_it_implements_the_config_else_hf():
     from horizon.models import resolve, summarize

@@ -152,8 +152,10 @@ class Trainer:
 
         cfg = hf.read_config(model_dir)
         spec = resolve(cfg, model_path)
+        ignore = ()
         if getattr(spec, "model_path", "native") == "hf":
             extra = spec.optional_checkpoint_tensors()
+            ignore = spec.ignored_checkpoint_patterns()
         else:
             extra = {"lm_head.weight": (spec.vocab_size, spec.hidden_size)} if spec.tie_word_embeddings else {}
         optional = tuple(extra)
@@ -162,7 +164,7 @@ class Trainer:
             dests = model.hf_views()
             # A tied checkpoint may still carry lm_head.weight; it is the embedding.
             dests.update({name: torch.empty(shape) for name, shape in extra.items()})
-            hf.load_tensors(model_dir, dests, optional=optional)
+            hf.load_tensors(model_dir, dests, optional=optional, ignore=ignore)
 
         return cls(spec, device=device, compute_dtype=compute_dtype, lr=lr, weight_decay=weight_decay, betas=betas,
                    eps=eps, grad_clip=grad_clip, micro_batch_size=micro_batch_size, _init=load, **engine_kwargs)

@@ -102,10 +102,17 @@ class ModelSummary:
         return max(self.layer_parameters.values()) if self.layer_parameters else 0
 
 
-def summarize(config: dict, model_path: str = "auto") -> ModelSummary:
-    """Reads `config` as `resolve` does and counts its parameters per layer (total and active)."""
+def summarize(config, model_path: str = "auto") -> ModelSummary:
+    """Reads `config` (a config.json dict, or a model directory) as `resolve` does and counts
+    its parameters per layer (total and active). What `horizon plan` and `horizon train` call."""
+    import os
+
     from .. import layer_defs
 
+    if isinstance(config, (str, os.PathLike)):
+        from ...io.hf import read_config
+
+        config = read_config(config)
     spec = resolve(config, model_path)
     defs = layer_defs(spec)
     sizes = {d.key: sum(math.prod(s) for s in d.shapes.values()) for d in defs}

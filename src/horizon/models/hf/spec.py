@@ -100,6 +100,14 @@ class HFModelSpec:
         return {n: tuple(p.shape) for n, p in s.model.named_parameters(remove_duplicate=False)
                 if p is embed and n != s.embed_name}
 
+    def ignored_checkpoint_patterns(self) -> tuple:
+        """Regular expressions of checkpoint names transformers ignores on load for this model
+        (`_keys_to_ignore_on_load_unexpected`, e.g. DeepSeek-V3's multi-token-prediction layer)."""
+        found = set()
+        for module in self.structure.model.modules():
+            found.update(getattr(module, "_keys_to_ignore_on_load_unexpected", None) or ())
+        return tuple(sorted(found))
+
     def layer_numels(self) -> dict:
         """Layer key -> parameter count (what each slab holds, before alignment)."""
         return {d.key: sum(math.prod(s) for s in d.shapes.values()) for d in self.layer_defs()}
