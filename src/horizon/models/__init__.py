@@ -69,9 +69,9 @@ def resolve(config: dict, model_path: str = "auto"):
     return _resolve(config, model_path)
 
 
-def summarize(config: dict, model_path: str = "auto"):
-    """`resolve` plus parameter counts (total, active, per layer) for `horizon plan`."""
+def summarize(config, model_path: str = "auto"):
+    """`resolve` (of a config.json dict or a model directory) plus parameter counts (total,
+    active per token, per streamed layer) for `horizon plan` and `horizon train`."""
     from .hf.select import summarize as _summarize
 
     return _summarize(config, model_path)
-

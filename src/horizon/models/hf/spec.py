@@ -120,9 +120,12 @@ class HFModelSpec:
         model = s.model
         with torch.random.fork_rng(devices=[]), _quiet_transformers():
             torch.manual_seed(seed)
+            # Data parallel: a rank's slab holds a shard; the full master to initialise is the
+            # sharded model's staging copy, committed to the shards by its sync_bf16_().
+            full_master = getattr(host_model, "_full_master", None)
             for layer in host_model.layers:
                 defn = layer.defn
-                views = layer.master_views()
+                views = layer.layout.views(full_master(layer)) if full_master else layer.master_views()
                 t = defn.template
                 consts = getattr(t, "init_constants", {})  # frozen / unused parameters
                 if defn.index is not None:

@@ -167,6 +167,7 @@ class LayerCall:
     args: tuple
     kwargs: dict
     hidden_key: object  # int position in args, or the keyword name
+    stores: tuple = ()  # keywords holding an empty mutable store (shared-KV dicts) when captured
 
     def with_hidden(self, x):
         if isinstance(self.hidden_key, int):
@@ -183,6 +184,13 @@ def _hidden_of(args, kwargs):
     if args:
         return args[0], 0
     raise HorizonError("a decoder layer was called without hidden states")
+
+
+def _is_empty_store(v) -> bool:
+    """An empty mutable mapping other than a plain dict (e.g. transformers' KVSharingDict)."""
+    from collections.abc import MutableMapping
+
+    return isinstance(v, MutableMapping) and not isinstance(v, dict) and len(v) == 0
 
 
 class _Sentinel:
@@ -228,13 +236,14 @@ class ShimRun:
                 self.on_phase("between")
         else:
             self.handed.append(hidden is self._last_out)
+        stores = tuple(k for k, v in kwargs.items() if _is_empty_store(v))
         if isinstance(key, int):
             rest = args[:key] + (None,) + args[key + 1:]
-            self.calls.append(LayerCall(rest, dict(kwargs), key))
+            self.calls.append(LayerCall(rest, dict(kwargs), key, stores))
         else:
             kw = dict(kwargs)
             kw[key] = None
-            self.calls.append(LayerCall(tuple(args), kw, key))
+            self.calls.append(LayerCall(tuple(args), kw, key, stores))
         last = index == self.n - 1
         if self.mode == "capture" and last:
             raise _Stop
@@ -434,7 +443,7 @@ def discover(cfg: dict) -> Structure:
     line naming the architecture and the reason when the hf path cannot train it."""
     config, cls, model = build_meta_model(cfg)
     name = cls.__name__
-    _check_router_loss(name, config)
+    _check_config(name, config)
     layers_path = _find_layer_list(name, model, config)
     layers = model.get_submodule(layers_path)
     n = len(layers)
@@ -537,8 +546,12 @@ def discover(cfg: dict) -> Structure:
     )
 
 
-def _check_router_loss(name: str, config) -> None:
+def _check_config(name: str, config) -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    shared = getattr(text, "num_kv_shared_layers", 0)
+    if isinstance(shared, int) and shared > 0:
+        raise Refusal(f"{name}: num_kv_shared_layers {shared} (later layers reuse earlier layers' keys and values: "
+                      "state across layers)")
     if getattr(text, "output_router_logits", False):
         coef = getattr(text, "router_aux_loss_coef", None)
         if coef:

@@ -23,7 +23,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ...errors import HorizonError
 from .names import DiskNames
 from .structure import ShimRun, _canonical_names, _Stop, forward_kwargs, logits_of, shims_in_place, zero_stride
 
@@ -188,18 +187,6 @@ def _rng_replayed(device: torch.device, state):
             torch.cuda.set_rng_state(before[1], device)
 
 
-def _containers(kwargs: dict) -> list:
-    """What a layer could leave behind in the mutable objects it is handed: their sizes."""
-    out = []
-    for k, v in kwargs.items():
-        if isinstance(v, (dict, list, set)) or hasattr(v, "__setitem__") and not isinstance(v, torch.Tensor):
-            try:
-                out.append((k, len(v)))
-            except TypeError:
-                pass
-    return out
-
-
 class BlockTemplate:
     kind = "decoder"
 
@@ -224,7 +211,13 @@ class BlockTemplate:
         return self._disk.tensors({self.prefix + n: v for n, v in views.items()})
 
     def forward(self, params: dict, x: torch.Tensor, run: PrologueRun, router_stats=None) -> torch.Tensor:
-        args, kwargs = run.calls[self.index].with_hidden(x)
+        call = run.calls[self.index]
+        args, kwargs = call.with_hidden(x)
+        # An object the forward hands every layer to leave state in (a shared-KV store, empty
+        # when captured) starts empty for each layer: a block runs on its own, in the forward
+        # and in its recompute alike (models whose layers read each other's state are refused).
+        for key in call.stores:
+            kwargs[key].clear()
         bound = (params, self.buffers.on(x.device))
         if torch.is_grad_enabled() and self.index in run.rng:
             # The recompute: the same random numbers (dropout) as the forward run.
@@ -232,12 +225,7 @@ class BlockTemplate:
                 out = torch.func.functional_call(self.module, bound, args, kwargs, strict=False)
         else:
             run.rng[self.index] = _rng_state(x.device)
-            before = _containers(kwargs)
             out = torch.func.functional_call(self.module, bound, args, kwargs, strict=False)
-            if _containers(kwargs) != before:
-                raise HorizonError(f"{self.shared.s.name}: decoder layer {self.index} writes into an object its "
-                                   "forward hands every layer (state shared across layers, e.g. shared KV); "
-                                   "the hf path recomputes layers one at a time and cannot train it")
         if not isinstance(out, torch.Tensor):
             out = out[0]
         return out
