@@ -56,7 +56,8 @@ def bad_cases(tmp_path_factory):
         (["train", "--model-dir", str(root / "missing")], 1, "does not exist"),
         (["train", "--model-dir", str(_model_dir(root, "noconfig", None))], 1, "has no config.json"),
         (["train", "--model-dir", str(_model_dir(root, "badjson", "{oops"))], 1, "not JSON"),
-        (["train", "--model-dir", str(_model_dir(root, "gpt2", {"architectures": ["GPT2LMHeadModel"]}))], 1,
+        (["train", "--model-path", "native",
+          "--model-dir", str(_model_dir(root, "gpt2", {"architectures": ["GPT2LMHeadModel"]}))], 1,
          "unsupported architecture 'GPT2LMHeadModel'"),
         (["train", "--model-dir", str(_model_dir(root, "noweights", tiny, weights=None))], 1, "no *.safetensors"),
         (["train", "--model-dir", str(_model_dir(root, "badsize", dict(tiny, hidden_size="big")))], 1,
@@ -84,7 +85,7 @@ def bad_cases(tmp_path_factory):
         (["export", str(root / "brokenrun"), "--out", str(root / "hf2")], 1, "cannot read meta.json"),
         (["export", str(root / "norun"), "--out", str(root / "hf")], 1, "does not exist"),
         (["export", str(root / "emptyrun"), "--out", str(root / "hf")], 1, "no checkpoint"),
-        (["plan", "--model-dir", str(root / "gpt2")], 1, "unsupported architecture"),
+        (["plan", "--model-dir", str(root / "gpt2"), "--model-path", "native"], 1, "unsupported architecture"),
     ]
 
 

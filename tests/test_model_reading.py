@@ -78,13 +78,30 @@ def _one_line(capsys, argv) -> tuple[int, str]:
 
 @pytest.mark.parametrize("name,config,weights", REFUSED, ids=[c[0] for c in REFUSED])
 def test_plan_and_train_refuse_alike(tmp_path, capsys, name, config, weights):
+    """The native reader's refusals (`--model-path native`): the same one line from both."""
     d = _write(tmp_path, name, config, weights)
-    common = ["--model-dir", str(d), "--device", "cpu", "--batch-size", "2", "--seq-len", "16"]
+    common = ["--model-dir", str(d), "--device", "cpu", "--batch-size", "2", "--seq-len", "16",
+              "--model-path", "native"]
     rc_plan, plan_err = _one_line(capsys, ["plan", *common])
     rc_train, train_err = _one_line(capsys, ["train", *common, "--out", str(tmp_path / "run")])
     assert rc_plan == rc_train == 1, (plan_err, train_err)
     assert plan_err.startswith("horizon: error: ") and plan_err == train_err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("name,config,weights", REFUSED, ids=[c[0] for c in REFUSED])
+def test_plan_and_train_agree_on_the_automatic_path(tmp_path, capsys, name, config, weights):
+    """`--model-path auto` (native, else transformers' own modules): a directory plan refuses,
+    train refuses with the same line; one plan accepts, train reads too (it then stops later,
+    here at the missing tokenizer, or trains)."""
+    d = _write(tmp_path, name, config, weights)
+    common = ["--model-dir", str(d), "--device", "cpu", "--batch-size", "2", "--seq-len", "16"]
+    rc_plan, plan_err = _one_line(capsys, ["plan", *common])
+    rc_train, train_err = _one_line(capsys, ["train", *common, "--steps", "1", "--out", str(tmp_path / "run")])
+    if rc_plan == 1:
+        assert rc_train == 1 and plan_err == train_err, (plan_err, train_err)
+    else:
+        assert rc_plan == 0 and (rc_train == 0 or "tokenizer" in train_err), train_err
 
 
 def test_plan_and_train_accept_alike(tmp_path, capsys):
@@ -94,10 +111,12 @@ def test_plan_and_train_accept_alike(tmp_path, capsys):
     d = tmp_path / "tiny"
     horizon.Trainer.from_config(TINY, device="cpu").save_pretrained(str(d))
     (d / "tokenizer.json").write_bytes(shipped_tokenizer_path().read_bytes())
-    common = ["--model-dir", str(d), "--device", "cpu", "--batch-size", "2", "--seq-len", "16"]
-    assert cli_main(["plan", *common]) == 0
-    assert cli_main(["train", *common, "--steps", "1", "--out", str(tmp_path / "run")]) == 0
-    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    for path in ("auto", "native", "hf"):
+        common = ["--model-dir", str(d), "--device", "cpu", "--batch-size", "2", "--seq-len", "16",
+                  "--model-path", path]
+        assert cli_main(["plan", *common]) == 0
+        assert cli_main(["train", *common, "--steps", "1", "--out", str(tmp_path / f"run-{path}")]) == 0
+        assert (tmp_path / f"run-{path}" / "metrics.jsonl").is_file()
 
 
 def test_every_refusal_of_the_readers_has_a_case():

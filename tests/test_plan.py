@@ -110,7 +110,7 @@ def test_fits_verdicts():
 )
 def test_bad_model_configs(cfg, needle):
     with pytest.raises(HorizonError) as e:
-        plan.make_plan(cfg, batch_size=1, seq_len=8, machine=_gpu())
+        plan.make_plan(cfg, batch_size=1, seq_len=8, machine=_gpu(), model_path="native")
     assert needle in str(e.value)
 
 

@@ -148,7 +148,7 @@ def _plan(args) -> int:
 
     c = train_config_from_args(args)
     m = c.model
-    src = model_dir.resolve(m.model_dir, m.preset, m.tokenizer, shipped_tokenizer_path())
+    src = model_dir.resolve(m.model_dir, m.preset, m.tokenizer, shipped_tokenizer_path(), m.model_path)
     p = planmod.make_plan(src.spec, batch_size=c.data.batch_size, seq_len=c.data.seq_len,
                           micro_batch_size=c.engine.micro_batch_size, grad_clip=c.optim.grad_clip is not None,
                           machine=planmod.this_machine(c.engine.device), compute_dtype=c.engine.compute_dtype)

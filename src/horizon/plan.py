@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .data.config import DataConfig
 from .engine.config import EngineConfig, check_micro_batch
 from .errors import HorizonError
-from .models import ModelSpec, layer_defs
+from .models import layer_defs, resolve
 
 GIB = 1 << 30
 WEIGHT_SLOTS = 2        # S: layers resident on the device at once (one computing, one loading)
@@ -51,14 +51,15 @@ PROCESS_BASELINE_BYTES = 800 << 20
 PROCESS_GROWTH_BYTES = 192 << 20
 
 
-def read_model(config) -> ModelSpec:
-    """The model a plan is for: the same reader `horizon train` uses (a ModelSpec from a
-    config.json dict), so both accept and refuse the same models with the same message."""
-    if isinstance(config, ModelSpec):
-        return config
+def read_model(config, model_path: str = "auto"):
+    """The model a plan is for: the same reader `horizon train` uses (`models.resolve` of a
+    config.json dict, native or hf path), so both accept and refuse the same models with the
+    same message. A spec already read passes through."""
     if not isinstance(config, dict):
+        if hasattr(config, "config") and hasattr(config, "num_layers"):
+            return config
         raise HorizonError("model config must be a JSON object")
-    return ModelSpec.from_hf_config(config)
+    return resolve(config, model_path)
 
 
 def layer_parameters(config) -> list[tuple[str, int]]:
@@ -71,12 +72,14 @@ def count_parameters(config) -> int:
     return sum(n for _, n in layer_parameters(config))
 
 
-def _block_activation_bytes(s: ModelSpec, tokens: int) -> int:
+def _block_activation_bytes(s, tokens: int) -> int:
     """Live bytes of one block's recompute + backward for `tokens` tokens, in bf16: the saved
     forward tensors (block input, two norm outputs, q/k/v, attention output, attention-out and
     MLP-out residuals, gate/up/product of the MLP; for MoE the k routed copies and the router
     logits) and as much again for their gradients. Attention is assumed memory-efficient (no
     sequence x sequence matrix)."""
+    if not hasattr(s, "num_heads"):  # the hf path: transformers' modules, sizes not ours to read;
+        return 2 * 2 * tokens * 16 * s.hidden_size  # a generous per-token allowance (16 hidden vectors)
     q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     if s.is_moe:
         mlp = 3 * (s.num_experts_per_tok * s.moe_intermediate_size + s.num_experts)
@@ -176,14 +179,16 @@ def _rates(machine: Machine):
 
 
 def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
-              grad_clip: bool = False, machine: Machine | None = None, compute_dtype: str | None = None) -> dict:
+              grad_clip: bool = False, machine: Machine | None = None, compute_dtype: str | None = None,
+              model_path: str = "auto") -> dict:
     """The footprint and step-time bound of training `config` at these sizes on `machine`
-    (`compute_dtype`: "float32" or "bfloat16"; None: bf16 on a GPU, fp32 on the CPU)."""
+    (`compute_dtype`: "float32" or "bfloat16"; None: bf16 on a GPU, fp32 on the CPU;
+    `model_path`: as `horizon train --model-path`)."""
     # The rules of the run's own options (data shape, micro-batch), checked the same way.
     DataConfig(seq_len=seq_len, batch_size=batch_size)
     EngineConfig(micro_batch_size=micro_batch_size)
     mb = check_micro_batch(micro_batch_size, batch_size)
-    s = read_model(config)
+    s = read_model(config, model_path)
     if seq_len > s.max_positions:
         raise HorizonError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {s.max_positions}")
     machine = machine or this_machine()

@@ -58,13 +58,23 @@ class Trainer:
 
     def __init__(self, spec, *, optim=None, engine=None, device=_UNSET, compute_dtype=_UNSET, lr=_UNSET,
                  weight_decay=_UNSET, betas=_UNSET, eps=_UNSET, grad_clip=_UNSET, micro_batch_size=_UNSET,
-                 track_grad_norm=_UNSET, n_slots=_UNSET, offload_checkpoints=_UNSET, data_parallel=None, _init=None):
+                 track_grad_norm=_UNSET, n_slots=_UNSET, offload_checkpoints=_UNSET, data_parallel=None,
+                 model_path=None, _init=None):
         """`optim` (OptimizerConfig) and `engine` (EngineConfig) give the options whole; the
         keyword arguments override single fields (defaults: those of the configs, the same as
-        `horizon train`'s)."""
+        `horizon train`'s). `spec`: a ModelSpec / hf-path spec, or a config.json dict read with
+        `model_path` ("auto": native when it implements the config, else the hf path)."""
         from . import distributed as hdist
         from .engine import HostModel, LayerMajorEngine
         from .engine.config import resolve_device, resolve_dtype
+        from .models import resolve
+        from .models.hf.select import check_model_path, model_path_of
+
+        if isinstance(spec, dict):
+            spec = resolve(spec, check_model_path(model_path))
+        elif model_path not in (None, "auto") and check_model_path(model_path) != model_path_of(spec):
+            raise HorizonError(f"model_path {model_path!r} asked for, but the spec is of the "
+                               f"{model_path_of(spec)!r} path")
 
         self.optim_config, self.engine_config = _configs(optim, engine, dict(
             device=device, compute_dtype=compute_dtype, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
@@ -117,33 +127,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, model_dir, **kwargs):
+    def from_pretrained(cls, model_dir, *, model_path="auto", **kwargs):
         """Loads a local HF model directory (config.json + *.safetensors); never the network.
-        Keyword arguments: those of the constructor."""
+        `model_path`: "auto" (native when it implements the config, else hf), "native" or "hf";
+        other keyword arguments: those of the constructor."""
         from .io import hf
-        from .models import ModelSpec
+        from .models import resolve
 
         cfg = hf.read_config(model_dir)
-        spec = ModelSpec.from_hf_config(cfg)
-        optional = () if not spec.tie_word_embeddings else ("lm_head.weight",)
+        spec = resolve(cfg, model_path)
+        ignore = ()
+        if getattr(spec, "model_path", "native") == "hf":
+            extra = spec.optional_checkpoint_tensors()
+            ignore = spec.ignored_checkpoint_patterns()
+        else:
+            extra = {"lm_head.weight": (spec.vocab_size, spec.hidden_size)} if spec.tie_word_embeddings else {}
+        optional = tuple(extra)
 
         def load(model):
             dests = model.hf_views()
-            if spec.tie_word_embeddings:
-                # A tied checkpoint may still carry lm_head.weight; it is the embedding.
-                dests["lm_head.weight"] = torch.empty(spec.vocab_size, spec.hidden_size)
-            hf.load_tensors(model_dir, dests, optional=optional)
+            # A tied checkpoint may still carry lm_head.weight; it is the embedding.
+            dests.update({name: torch.empty(shape) for name, shape in extra.items()})
+            hf.load_tensors(model_dir, dests, optional=optional, ignore=ignore)
 
         return cls(spec, _init=load, **kwargs)
 
     @classmethod
-    def from_config(cls, config: dict, *, seed: int = 0, **kwargs):
-        """A randomly initialised model (HF's scheme: N(0, initializer_range), norms 1, biases 0).
-        Keyword arguments: those of the constructor."""
-        from .models import ModelSpec
+    def from_config(cls, config: dict, *, seed: int = 0, model_path="auto", **kwargs):
+        """A randomly initialised model (HF's scheme: N(0, initializer_range), norms 1, biases 0;
+        on the hf path the model's own `_init_weights`). Keyword arguments: those of the
+        constructor."""
+        from .models import resolve
         from .options import check_value
 
-        spec = ModelSpec.from_hf_config(config)
+        spec = resolve(config, model_path)
         seed = check_value("seed", seed, "int", False, {"ge": 0, "le": 2**63 - 1})
         return cls(spec, _init=lambda model: model.init_random_(seed), **kwargs)
 

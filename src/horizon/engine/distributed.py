@@ -30,7 +30,7 @@ from ..distributed import shard_range, shard_size, share
 from ..errors import HorizonError
 from .ledger import tensor_bytes
 from .schedule import LayerMajorEngine, StepResult
-from .state import HostLayer, HostModel, check_state_sources, read_state_range
+from .state import HostLayer, HostModel, check_state_sources, constant_tensors, read_state_range
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +344,8 @@ class ShardedHostModel(HostModel):
             if fulls is not None:
                 for part, full in zip(parts, fulls):
                     out[f"{layer.key}.{part}"] = full
+        if not rank0_only or self.rank == 0:
+            out.update(constant_tensors(self.layers))  # replicated on every rank
         return out
 
     def load_state_tensors_(self, tensors: dict) -> None:
@@ -353,7 +355,11 @@ class ShardedHostModel(HostModel):
         (`safe_open(...).get_slice(name)`): then each rank reads only its shard (and, with one
         compute copy per rank, the full master)."""
         want = {f"{layer.key}.{p}": layer.numel for layer in self.layers for p in ("master", "exp_avg", "exp_avg_sq")}
+        constants = constant_tensors(self.layers)
+        want.update({name: t.numel() for name, t in constants.items()})
         check_state_sources(tensors, want)
+        for name, t in constants.items():
+            t.view(-1).copy_(read_state_range(tensors[name], 0, t.numel()))
         for layer in self.layers:
             for part in ("master", "exp_avg", "exp_avg_sq"):
                 src = tensors[f"{layer.key}.{part}"]

@@ -179,7 +179,8 @@ class LayerMajorEngine:
             offload_checkpoints = True if not self._cuda else None  # CUDA: decided per step by size
         self._offload_setting = offload_checkpoints
         self.layer_landings: dict = {}  # key -> landings in the last step (the once-per-step invariant)
-        self.rotary = RotaryEmbedding(self.spec.rope)  # stateful for the dynamic / longrope types
+        # stateful for the dynamic / longrope types; the hf path runs the model's own rotary
+        self.rotary = RotaryEmbedding(self.spec.rope) if hasattr(self.spec, "rope") else None
         self._rope_cache: dict = {}
 
     # ------------------------------------------------------------------ helpers
@@ -267,7 +268,13 @@ class LayerMajorEngine:
         lab_mb = [self._to_device(t) for t in lab_all[mb_lo:mb_hi]]
         n_mb = len(ids_mb)
         inv_tokens = 1.0 / n_label_tokens
-        rope = self._rope_inputs(position_ids, seq, micro_batch_size, mb_lo, mb_hi)
+        # A template whose prologue is the model's own forward (the hf path) hands each block
+        # what that forward hands the layer (position ids included); native blocks take the
+        # RoPE tables (and, for packed rows, their documents).
+        prologue = getattr(embed.defn.template, "prologue", None)
+        rope = self._rope_inputs(position_ids, seq, micro_batch_size, mb_lo, mb_hi) if prologue is None else None
+        pos_mb = ([p.to(dev) for p in position_ids.split(micro_batch_size)[mb_lo:mb_hi]]
+                  if position_ids is not None else [None] * (mb_hi - mb_lo))
         ckpts = self._checkpoints(n_rows * seq)
         # HF's load-balancing loss couples the MoE layers: E * sum_e f_e * P_e with f and P
         # averaged over all MoE layers and all tokens of the step. The forward gathers the
@@ -293,8 +300,17 @@ class LayerMajorEngine:
             # ---- forward, layer-major, autograd off
             with torch.no_grad():
                 slot = streamer.acquire(("fwd", embed.key))
-                views = embed.layout.views(slot)
-                hidden = [embed.defn.template.forward(views, ids) for ids in ids_mb]
+                if prologue is None:
+                    views = embed.layout.views(slot)
+                    hidden = [embed.defn.template.forward(views, ids) for ids in ids_mb]
+                    block_args = [((cos, sin), kw) for cos, sin, kw in rope]
+                else:
+                    # Each run keeps what its blocks are handed and a graph back to the slot
+                    # (the embedding's backward then needs no second stream of its weights).
+                    prologue_runs = [prologue(slot, embed.layout, ids, position_ids=p) for ids, p in zip(ids_mb, pos_mb)]
+                    hidden = [r.hidden for r in prologue_runs]
+                    block_args = [((r,), {}) for r in prologue_runs]
+                    self.device_ledger.hold("block-context", sum(r.nbytes for r in prologue_runs))
                 streamer.release(("fwd", embed.key))
                 self._hold_list("hidden", hidden)
                 for b in blocks:
@@ -303,9 +319,9 @@ class LayerMajorEngine:
                     views = b.layout.views(slot)
                     out = []
                     moe_aux = aux_coef and b.defn.template.kind == "moe"
-                    for x, (cos, sin, kw) in zip(hidden, rope):
+                    for x, (a, kw) in zip(hidden, block_args):
                         stats = [] if moe_aux else None
-                        y = b.defn.template.forward(views, x, cos, sin, router_stats=stats, **kw)
+                        y = b.defn.template.forward(views, x, *a, router_stats=stats, **kw)
                         if stats:
                             route_probs += stats[0][0]
                             route_counts += stats[0][1]
@@ -343,7 +359,10 @@ class LayerMajorEngine:
                     loss_sum = head.defn.template.loss_sum(head_views, h, lab, head_weight, chunk_size=self.loss_chunk_size)
                     scaled = loss_sum * inv_tokens
                 self.device_ledger.transient(saved.nbytes)
-                g = torch.autograd.grad(scaled, (h,) + wrt)
+                # allow_unused: a head with no weights of its own (tied, no final norm) leaves
+                # its empty slot out of the graph.
+                g = torch.autograd.grad(scaled, (h,) + wrt, allow_unused=True)
+                g = [torch.zeros_like(t) if gi is None else gi for gi, t in zip(g, (h,) + wrt)]
                 grads_out.append(g[0])
                 _accumulate(head_acc, g[1], first=i == 0)
                 if tied:
@@ -383,12 +402,12 @@ class LayerMajorEngine:
                 acc = self._grad_acc(self._next_ring(), b.numel, zero=n_mb == 0)
                 new_grads = []
                 moe_aux = aux_coef and b.defn.template.kind == "moe"
-                for j, (x, gy, (cos, sin, kw)) in enumerate(zip(xs, grads_out, rope)):
+                for j, (x, gy, (a, kw)) in enumerate(zip(xs, grads_out, block_args)):
                     x = x.detach().requires_grad_()
                     saved = SavedActivations([slot.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()])
                     stats = [] if moe_aux else None
                     with torch.enable_grad(), saved.hooks():
-                        y = b.defn.template.forward(views, x, cos, sin, router_stats=stats, **kw)
+                        y = b.defn.template.forward(views, x, *a, router_stats=stats, **kw)
                         outs, grads = (y,), (gy,)
                         if stats:
                             outs += (aux_scale * (stats[0][0] * route_counts).sum(),)
@@ -409,11 +428,18 @@ class LayerMajorEngine:
 
             # ---- embedding: a scatter of the gradient, no weights needed (tied: plus the head's)
             eacc = tied_acc if tied else self._grad_acc("wide", embed.numel, zero=True)
-            v, hdim = spec.vocab_size, spec.hidden_size
-            ew = eacc[: v * hdim].view(v, hdim)
-            for ids, gy in zip(ids_mb, grads_out):
-                embed.defn.template.weight_grad_(ew, ids, gy)
-            del grads_out, ew
+            if prologue is None:
+                v, hdim = spec.vocab_size, spec.hidden_size
+                ew = eacc[: v * hdim].view(v, hdim)
+                for ids, gy in zip(ids_mb, grads_out):
+                    embed.defn.template.weight_grad_(ew, ids, gy)
+                del ew
+            else:
+                for run, gy in zip(prologue_runs, grads_out):
+                    kernels.accumulate_grad_(eacc, run.weight_grad(gy))
+                del prologue_runs, block_args
+                self.device_ledger.drop("block-context")
+            del grads_out
             self.device_ledger.drop("grads-out")
             self._land(embed, eacc, norms, step=step, hyper=hyper)
             self._flush_landings()
@@ -579,7 +605,8 @@ class LayerMajorEngine:
         n_label_tokens = int((shifted != -100).sum())
         ids_mb = [t.to(dev) for t in input_ids.split(micro_batch_size)]
         lab_mb = [t.to(dev) for t in shifted.split(micro_batch_size)]
-        rope = micro_batch_inputs(self.rotary, position_ids, seq, micro_batch_size, 0, len(ids_mb), self.dtype, dev)
+        rope = (micro_batch_inputs(self.rotary, position_ids, seq, micro_batch_size, 0, len(ids_mb), self.dtype, dev)
+                if getattr(embed.defn.template, "prologue", None) is None else None)
         items = [(("fwd", layer.key), layer) for layer in layers]
         if tied:
             items.append((("head-weight", embed.key), embed))
@@ -587,12 +614,21 @@ class LayerMajorEngine:
         try:
             with torch.no_grad():
                 slot = streamer.acquire(("fwd", embed.key))
-                hidden = [embed.defn.template.forward(embed.layout.views(slot), ids) for ids in ids_mb]
+                prologue = getattr(embed.defn.template, "prologue", None)
+                if prologue is None:
+                    hidden = [embed.defn.template.forward(embed.layout.views(slot), ids) for ids in ids_mb]
+                    args = [((cos, sin), kw) for cos, sin, kw in rope]
+                else:  # the hf path: the model's own forward up to the first layer
+                    pos_mb = (position_ids.split(micro_batch_size) if position_ids is not None
+                              else [None] * len(ids_mb))
+                    runs = [prologue(slot, embed.layout, ids, position_ids=None if p is None else p.to(dev))
+                            for ids, p in zip(ids_mb, pos_mb)]
+                    hidden, args = [r.hidden for r in runs], [((r,), {}) for r in runs]
                 streamer.release(("fwd", embed.key))
                 for b in blocks:
                     slot = streamer.acquire(("fwd", b.key))
                     views = b.layout.views(slot)
-                    hidden = [b.defn.template.forward(views, x, cos, sin, **kw) for x, (cos, sin, kw) in zip(hidden, rope)]
+                    hidden = [b.defn.template.forward(views, x, *a, **kw) for x, (a, kw) in zip(hidden, args)]
                     streamer.release(("fwd", b.key))
                 slot = streamer.acquire(("fwd", head.key))
                 head_weight = None
@@ -625,7 +661,7 @@ class LayerMajorEngine:
         pass
 
     def _drop_step_holdings(self) -> None:
-        for name in ("hidden", "grads-out"):
+        for name in ("hidden", "grads-out", "block-context"):
             self.device_ledger.drop(name)
 
     def _land(self, layer: HostLayer, acc: torch.Tensor, norms: list, *, step, hyper) -> None:

@@ -125,6 +125,10 @@ class HostModel:
     def init_random_(self, seed: int) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise HorizonError(f"seed must be an int, got {seed!r}")
+        own = getattr(self.spec, "init_host_model_", None)
+        if own is not None:  # the hf path: the model's own `_init_weights`
+            own(self, seed)
+            return
         gen = torch.Generator().manual_seed(seed)
         std = self.spec.initializer_range
         for name, view in self.hf_views().items():
@@ -146,6 +150,7 @@ class HostModel:
             out[f"{layer.key}.master"] = s.master
             out[f"{layer.key}.exp_avg"] = s.exp_avg
             out[f"{layer.key}.exp_avg_sq"] = s.exp_avg_sq
+        out.update(constant_tensors(self.layers))
         return out
 
     def load_state_tensors_(self, tensors: dict) -> None:
@@ -153,5 +158,15 @@ class HostModel:
         own = self.state_tensors()
         check_state_sources(tensors, {name: dst.numel() for name, dst in own.items()})
         for name, dst in own.items():
-            dst.copy_(read_state_range(tensors[name], 0, dst.numel()))
+            dst.view(-1).copy_(read_state_range(tensors[name], 0, dst.numel()))
         self.sync_bf16_()
+
+
+def constant_tensors(layers) -> dict:
+    """`<layer>.const.<name>` -> the host tensors a layer keeps but does not train (the hf
+    path's persistent buffers, e.g. a router's expert biases), so checkpoints hold them too."""
+    out = {}
+    for layer in layers:
+        for name, t in getattr(layer.defn.template, "constants", {}).items():
+            out[f"{layer.key}.const.{name}"] = t
+    return out

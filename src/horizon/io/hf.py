@@ -77,18 +77,23 @@ def weight_files(model_dir) -> list[Path]:
     return files
 
 
-def load_tensors(model_dir, destinations: dict[str, torch.Tensor], *, optional: Iterable[str] = ()) -> None:
+def load_tensors(model_dir, destinations: dict[str, torch.Tensor], *, optional: Iterable[str] = (),
+                 ignore: Iterable[str] = ()) -> None:
     """Copies every tensor of the checkpoint into `destinations[name]` (converting dtype).
 
     Every destination must be found (except the names in `optional`), with the same shape;
     a checkpoint tensor without a destination is an error, so a mismatched architecture
-    cannot load silently.
+    cannot load silently. `ignore`: regular expressions of checkpoint names the model does not
+    use (transformers' `_keys_to_ignore_on_load_unexpected`, e.g. multi-token-prediction layers).
     """
+    import re
+
     optional = set(optional)
+    ignore = [re.compile(p) for p in ignore]
     seen = set()
     for file in weight_files(model_dir):
         try:
-            _load_file(file, destinations, seen)
+            _load_file(file, destinations, seen, ignore)
         except SafetensorError as e:
             raise HorizonError(f"model directory {str(model_dir)!r}: corrupt *.safetensors weights in {file.name} ({e})") from None
     missing = sorted(set(destinations) - seen - optional)
@@ -96,12 +101,12 @@ def load_tensors(model_dir, destinations: dict[str, torch.Tensor], *, optional: 
         raise HorizonError(f"checkpoint in {str(model_dir)!r} lacks tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
-def _load_file(file: Path, destinations: dict, seen: set) -> None:
+def _load_file(file: Path, destinations: dict, seen: set, ignore=()) -> None:
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt", device="cpu") as f:
         for name in f.keys():
-            if name.endswith(_IGNORED_SUFFIXES):
+            if name.endswith(_IGNORED_SUFFIXES) or (name not in destinations and any(p.search(name) for p in ignore)):
                 continue
             if name not in destinations:
                 raise HorizonError(f"{file.name}: unexpected tensor {name!r} for this architecture")

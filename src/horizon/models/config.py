@@ -16,6 +16,9 @@ class ModelConfig:
                                 default_help="tiny, when no --model-dir")
     tokenizer: str | None = option(None, "tokenizer.json", metavar="FILE", path=True,
                                    default_help="the model's, or the shipped one")
+    model_path: str = option("auto", "native: our fused templates; hf: transformers' own modules, streamed; "
+                             "auto: native when it implements the model's config, else hf",
+                             choices=("auto", "native", "hf"))
 
     def __post_init__(self):
         check_fields(self)

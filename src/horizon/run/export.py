@@ -53,8 +53,10 @@ def export(run_dir, out_dir, step: int | None = None) -> Path:
         if not cp.is_dir():
             raise HorizonError(f"{run_dir} has no checkpoint for step {step} (have {ckpt.list_checkpoints(run_dir)})")
     tensors, meta = ckpt.load_checkpoint(cp)
-    src = model_dir.from_config(meta.get("model_config"), f"checkpoint {cp}")
-    trainer = Trainer.from_config(src.config, seed=0, device="cpu")
+    # the model path the run trained with (its state tensors are that path's layers)
+    path = (meta.get("train_config") or {}).get("model_path", "auto")
+    src = model_dir.from_config(meta.get("model_config"), f"checkpoint {cp}", model_path=path)
+    trainer = Trainer.from_config(src.config, seed=0, device="cpu", model_path=path)
     trainer.load_state_tensors(tensors)
     del tensors
 

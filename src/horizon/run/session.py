@@ -34,6 +34,7 @@ from ..io.files import DirLock
 from ..io.model_dir import ModelSource
 from ..io.tokenizer_files import copy_tokenizer_files
 from ..options import flag
+from ..models.hf.select import model_path_of
 from ..trainer import Trainer
 from . import resume
 from .config import RESUME_FIXED, TrainConfig, resume_changes
@@ -98,8 +99,8 @@ def make_trainer(src: ModelSource, c: TrainConfig) -> Trainer:
     kw = dict(optim=c.optim, engine=c.engine)
     try:
         if src.model_dir is not None:
-            return Trainer.from_pretrained(str(src.model_dir), **kw)
-        return Trainer.from_config(src.config, seed=c.run.seed, **kw)
+            return Trainer.from_pretrained(str(src.model_dir), model_path=model_path_of(src.spec), **kw)
+        return Trainer.from_config(src.config, seed=c.run.seed, model_path=model_path_of(src.spec), **kw)
     except NotImplementedError as e:
         arch = (src.config.get("architectures") or ["?"])[0]
         raise HorizonError(f"{arch} is not supported by the trainer yet: {e}") from None
@@ -158,10 +159,11 @@ def open_session(c: TrainConfig, *, log, err, rank: int, world: int) -> Session:
 
         # The model: on resume, the checkpoint's own config and the run's tokenizer copy.
         if cp is not None:
-            src = model_dir.from_config(meta["model_config"], f"run {run_dir}", run_dir / "tokenizer.json")
+            src = model_dir.from_config(meta["model_config"], f"run {run_dir}", run_dir / "tokenizer.json",
+                                        c.model.model_path)
         else:
             m = c.model
-            src = model_dir.resolve(m.model_dir, m.preset, m.tokenizer, shipped_tokenizer_path())
+            src = model_dir.resolve(m.model_dir, m.preset, m.tokenizer, shipped_tokenizer_path(), m.model_path)
         # Refuse up front when it will not fit (or the sequence exceeds the model), before allocating anything.
         machine = planmod.this_machine(c.engine.device)
         p = planmod.make_plan(src.spec, batch_size=c.data.batch_size, seq_len=c.data.seq_len,
