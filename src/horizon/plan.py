@@ -192,7 +192,7 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
     if seq_len > s.max_positions:
         raise HorizonError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {s.max_positions}")
     machine = machine or this_machine()
-    layers = layer_parameters(config)
+    layers = layer_parameters(s)
     n = sum(p for _, p in layers)
     largest = max(p for _, p in layers)
     tokens = batch_size * seq_len
@@ -216,7 +216,9 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
     checkpoints = s.num_layers * tokens * s.hidden_size * c
     device = {
         "weight_slots": WEIGHT_SLOTS * c * largest,
-        "grad_accumulator_fp32": 4 * largest,
+        # the engine's persistent fp32 gradient buffers: two alternating ones of the largest layer
+        # and one for the embedding (engine/schedule.py `_grad_acc`)
+        "grad_accumulator_fp32": 4 * (2 * largest + layers[0][1]),
         "activation_checkpoints": checkpoints,
         "hidden_states": 2 * tokens * s.hidden_size * c,  # the layer's outputs and their gradients
         "block_activations": _block_activation_bytes(s, mb * seq_len) * c // 2,

@@ -117,7 +117,8 @@ class HostKernels:
         """Route the ops' kernel launches here, as on a device with `sms` SMs on which the
         occupancy query finds room for `blocks_per_sm` blocks of every kernel."""
         from horizon import native
-        from horizon.kernels import _common, moe_fused, norm
+        from horizon.kernels import _common, norm
+        from horizon.kernels.moe import fused as moe_fused
 
         props = type("P", (), {"multi_processor_count": sms})()
         monkeypatch.setattr(native, "launch", self.launch)

@@ -300,7 +300,10 @@ class ModelSpec:
 
     @property
     def max_positions(self) -> int:
-        """The longest sequence the model is configured for (max_position_embeddings)."""
+        """The longest sequence the model is configured for (max_position_embeddings); with
+        `dynamic` rope scaling, none: that scaling exists to run past it, as transformers does."""
+        if self.rope.rope_type == "dynamic":
+            return 1 << 62
         return _positive_int(self.config, "max_position_embeddings", 2048)
 
     @property
