@@ -164,8 +164,14 @@ def _reference(src: Path, *, micro_batches: bool):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    # Parameters the model creates untrainable (fixed sinusoidal position tables) stay so, as
+    # in the model transformers builds from the config (its from_pretrained makes them trainable).
+    fresh = transformers.AutoModelForCausalLM.from_config(model.config)
+    frozen = {n for n, p in fresh.named_parameters() if not p.requires_grad}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), **HP)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **HP)
     losses = []
     for ids, labels in _batches():
         shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
