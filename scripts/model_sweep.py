@@ -46,6 +46,7 @@ TOLERANCE = 1e-4
 NOISE_FACTOR = 10
 HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
 TIMEOUT_S = 600
+MAX_PARAMETERS = 30_000_000
 
 # Generic size fields and the tiny values they get (only where the config class has them).
 SHRINK = {
@@ -164,8 +165,14 @@ def _reference(src: Path, *, micro_batches: bool):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    # Parameters the model creates untrainable (fixed sinusoidal position tables) stay so, as
+    # in the model transformers builds from the config (its from_pretrained makes them trainable).
+    fresh = transformers.AutoModelForCausalLM.from_config(model.config)
+    frozen = {n for n, p in fresh.named_parameters() if not p.requires_grad}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), **HP)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **HP)
     losses = []
     for ids, labels in _batches():
         shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
@@ -182,6 +189,16 @@ def _reference(src: Path, *, micro_batches: bool):
         opt.zero_grad(set_to_none=True)
         losses.append(total)
     return model, losses
+
+
+def _meta_parameter_count(model_type: str, cfg: dict) -> int:
+    import torch
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type].from_dict(dict(cfg)))
+    return sum(p.numel() for p in model.parameters())
 
 
 def _names(path: Path) -> set:
@@ -222,6 +239,13 @@ def run_one(model_type: str, class_name: str) -> dict:
     except Exception as e:  # noqa: BLE001
         return dict(row, status="skipped", detail=f"transformers cannot make its default config ({_one_line(e)})")
     cfg.setdefault("architectures", [class_name])
+    try:
+        n_params = _meta_parameter_count(model_type, cfg)
+    except Exception as e:  # noqa: BLE001
+        return dict(row, status="skipped", detail=f"transformers cannot build it from its default config ({_one_line(e)})")
+    if n_params > MAX_PARAMETERS:
+        return dict(row, status="skipped", detail=f"not tiny after shrinking: {n_params / 1e6:.0f} M parameters "
+                                                  "(sub-models the generic shrink does not reach)")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "model"
         try:
@@ -302,7 +326,7 @@ def run_one(model_type: str, class_name: str) -> dict:
                                                   f"weights {weight_err:.1e}{note} ({worst})")
 
 
-def sweep(model_types=None, *, log=sys.stderr) -> list:
+def sweep(model_types=None, *, log=sys.stderr, json_path=None) -> list:
     import torch
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -324,7 +348,9 @@ def sweep(model_types=None, *, log=sys.stderr) -> list:
                    "trace": traceback.format_exc(limit=6)}
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
-        print(f"{mt:32s} {row['status']:8s} {row['detail'][:150]}", file=log, flush=True)
+        print(f"{mt:32s} {row['status']:8s} {row['detail']}", file=log, flush=True)
+        if json_path:  # after every model, so a crash loses nothing already measured
+            Path(json_path).write_text(json.dumps(rows, indent=1))
     return rows
 
 
@@ -427,9 +453,7 @@ def main(argv=None) -> int:
 
             k, n = (int(x) for x in args.part.split("/"))
             chosen = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)[k - 1::n]
-        rows = sweep(chosen)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        rows = sweep(chosen, json_path=args.json)
     whole = not args.model_types and not args.part
     md = args.markdown or (str(ROOT / "docs" / "models.md") if whole else None)
     if md:

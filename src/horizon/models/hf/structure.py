@@ -516,6 +516,14 @@ def discover(cfg: dict) -> Structure:
                               "besides its hidden states (its layers are not self-contained)")
     if run.first_hidden is None or not isinstance(run.first_hidden, torch.Tensor):
         raise Refusal(f"{name}: the first decoder layer is not handed hidden states")
+    # One hidden state and one row of logits per token: what lets the epilogue run on chunks
+    # of positions and the loss use the token's label.
+    if tuple(run.first_hidden.shape[:2]) != tuple(ids.shape):
+        raise Refusal(f"{name}: its layers run on hidden states of shape {tuple(run.first_hidden.shape)} for "
+                      f"{tuple(ids.shape)} tokens (not one position per token)")
+    if tuple(logits_of(out).shape[:2]) != tuple(ids.shape):
+        raise Refusal(f"{name}: its head gives logits of shape {tuple(logits_of(out).shape)} for {tuple(ids.shape)} "
+                      "tokens (not one row per token)")
 
     used = tracer.used
     between = sorted(pn for pn, phases in used.items() if "between" in phases)
