@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from .render import DocumentEncoder
 from .sources import BadRecord, file_kind, hf_arrow_files, hf_split_dir, read_documents
 from .tokenizer import TextTokenizer
 from ..io.files import fsync_dir as _fsync_dir
+from ..io.files import write_atomic
 
 CACHE_VERSION = 3
 _ENCODE_BATCH = 256
@@ -191,28 +191,11 @@ def _tokenise(data: Path, tok: TextTokenizer, field_map=None, skip_bad_records=F
     return ids, mask, docs, state["content"], counts
 
 
-def _write_atomic(path: Path, chunks) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
 def _store(tokens: Path, header: dict, ids: np.ndarray, mask: np.ndarray | None, docs: np.ndarray) -> None:
     tokens.parent.mkdir(parents=True, exist_ok=True)
     chunks = [ids.tobytes()] + ([mask.tobytes()] if mask is not None else []) + [docs.astype(np.uint64).tobytes()]
-    _write_atomic(tokens, chunks)
-    _write_atomic(_header_path(tokens), [json.dumps(header, indent=1).encode()])
+    write_atomic(tokens, chunks)
+    write_atomic(_header_path(tokens), [json.dumps(header, indent=1).encode()])
     _fsync_dir(tokens.parent)
 
 

@@ -91,3 +91,23 @@ class DirLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def write_atomic(path: Path, chunks) -> None:
+    """Writes `chunks` (bytes-like pieces) to `path` through a temporary sibling, fsynced and
+    renamed into place: a reader sees the old file or the whole new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise

@@ -7,12 +7,10 @@ one, else one built from the model config's bos/eos/pad ids)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from ..errors import HorizonError
-from .files import fsync_dir
+from .files import fsync_dir, write_atomic
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -24,34 +22,11 @@ GENERATION_CONFIG = "generation_config.json"
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    write_atomic(dst, [Path(src).read_bytes()])
 
 
 def _write_atomic(dst: Path, data: bytes) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    write_atomic(dst, [data])
 
 
 def tokenizer_files(source) -> dict[str, Path]:
