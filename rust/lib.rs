@@ -1,10 +1,11 @@
 //! horizon-native: the Rust core behind `horizon._native`. It owns host memory (arena, layer
-//! slabs), CPU AdamW, the transfer pipeline and CUDA driver launches. No Python logic lives
-//! here; the PyO3 bindings (feature `python`) are a thin layer in `python/`.
+//! slabs), CPU AdamW, the transfer pipeline, the disk tier and CUDA driver launches. No Python
+//! logic lives here; the PyO3 bindings (feature `python`) are a thin layer in `python/`.
 
 pub mod adam;
 pub mod cuda;
 pub mod memory;
+pub mod offload;
 pub mod pipeline;
 
 #[cfg(feature = "python")]
