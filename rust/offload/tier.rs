@@ -761,6 +761,9 @@ impl Runtime {
             Msg::Update { job, adam_done, io_done } => self.attach(job, adam_done, io_done),
             Msg::Land { layer, ptr, copy_from, cuda_event, slot, done } => {
                 let key = self.id();
+                // Counted from now, not from the write: a gradient read of this layer must wait
+                // for the landing copy too.
+                self.grad_writes[layer] += 1;
                 self.lands.insert(key, Land { layer, ptr, slot, done });
                 let bytes = self.layout(layer).numel * 4;
                 self.await_ready(key, ReadyFor::Land(key), cuda_event, copy_from, ptr, bytes);
@@ -822,7 +825,6 @@ impl Runtime {
                 let Some(l) = self.lands.get(&k) else { return };
                 let (layer, ptr) = (l.layer, l.ptr);
                 let lay = self.layout(layer);
-                self.grad_writes[layer] += 1;
                 self.submit(OpKind::Write, layer, ptr, lay.part_bytes, lay.part_offset(GRAD), Purpose::GradWrite(k));
             }
         }

@@ -2,6 +2,7 @@
 //! submodule registers the functions of one room of the crate.
 
 mod foundation;
+mod offload;
 mod pipeline;
 mod store;
 
@@ -43,5 +44,6 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     foundation::register(m)?;
     store::register(m)?;
     pipeline::register(m)?;
+    offload::register(m)?;
     Ok(())
 }

@@ -162,6 +162,9 @@ class GradientLanding:
         """AdamW updates the workers skipped for non-finite gradients (process-wide pipeline)."""
         return int(self._pipe.skipped_updates)
 
+    def begin_step(self) -> None:
+        """A step starts (the disk tier's landing starts its reads ahead here)."""
+
     def _copy_out(self, flat_grad: torch.Tensor, dst: torch.Tensor):
         """Queues flat_grad -> dst (host). Returns (ticket or None, cuda_event or None, keepalive)."""
         nbytes = flat_grad.numel() * 4
