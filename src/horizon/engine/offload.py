@@ -155,6 +155,30 @@ def check_offload_dir(offload_dir, need_bytes: int) -> tuple[Path, bool, str]:
 
 
 # ----------------------------------------------------------------------------- the model
+MMAP_THRESHOLD = 1 << 20
+
+
+def _return_large_frees_to_the_os() -> str:
+    """Fixes glibc's mmap threshold at 1 MiB (as MALLOC_MMAP_THRESHOLD_ would): every buffer
+    that large, such as the engine's per-layer accumulators and autograd's gradients on the CPU
+    device, is its own mapping and goes back to the OS when freed. glibc's default raises the
+    threshold to the largest size freed (up to 32 MiB), after which layer-sized buffers come
+    from the heap, whose fragments stay resident: the peak RSS then grows with the depth
+    instead of staying one layer's worth. Returns why not, where it does not apply."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return "MALLOC_MMAP_THRESHOLD_ is set: left as it is"
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+            return "not glibc"
+        M_MMAP_THRESHOLD = -3
+        return "" if libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 else "mallopt refused"
+    except (OSError, AttributeError) as e:
+        return f"mallopt unavailable: {e}"
+
+
 class TierSlab:
     """A tiered layer's host part: the compute copy only. `weights_bf16` with bf16 compute;
     with fp32 compute `master`, the master's RAM image (refreshed by every update), which is
@@ -217,6 +241,7 @@ class TieredHostModel(HostModel):
         path, direct, self.direct_note = check_offload_dir(offload_dir, sizes["disk_bytes"])
         self.offload_dir = path
         self.sizes = sizes
+        self.malloc_note = _return_large_frees_to_the_os()
         super().__init__(spec, with_grad=False, pin=pin)
         durability = durability or _env_choice("HORIZON_OFFLOAD_SYNC", ("layer", "step"), "layer")
         io = io or _env_choice("HORIZON_OFFLOAD_IO", ("auto", "uring", "threads"), "auto")
@@ -291,13 +316,17 @@ class TieredHostModel(HostModel):
         gen = torch.Generator().manual_seed(seed)
         std = self.spec.initializer_range
         self._quiesce()
+        # One staging buffer for every layer (many layer-sized allocations would fragment the
+        # heap, which then stays resident).
+        whole = torch.empty(max(layer.numel for layer in self.layers), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
-            buf = torch.zeros(layer.numel, dtype=torch.float32)
+            buf = whole[: layer.numel]
+            buf.zero_()  # the padding between tensors stays zero, as in a fresh slab
             for name, view in layer.defn.hf_tensors(layer.layout.views(buf)).items():
                 init_tensor_(name, view, std, gen)
             # the files are fresh (preallocated: zeros), so m and v stay as they are
             self.tier.write_state(i, buf.data_ptr() if layer.numel else 0, None, None).wait()
-            del buf
+        del whole
 
     def sync_bf16_(self) -> None:
         """Rewrites every compute copy from the master in the files."""
@@ -365,7 +394,17 @@ class TierLanding(GradientLanding):
         order = list(range(n)) if self._clip else list(range(n - 1, -1, -1))
         self._tier.begin_step(order, self._clip)
 
+    def _drop_landed(self) -> None:
+        """Lets go of gradients already copied into a landing slot: the engine's per-layer
+        accumulators must not pile up until the next step (host memory on the CPU device,
+        device memory on CUDA). The tickets stay, to be waited for."""
+        for jobs in self._jobs.values():
+            for k, (t, keep) in enumerate(jobs):
+                if keep and t.done:
+                    jobs[k] = (t, ())
+
     def _slot(self) -> int:
+        self._drop_landed()
         t0 = time.perf_counter()
         slot = self._tier.acquire_landing(_SLOT_TIMEOUT_S)
         self.wait_seconds += time.perf_counter() - t0
@@ -523,7 +562,7 @@ def tier_plan_lines(p: dict) -> list[str]:
              f"{_b(p['disk_free_bytes']) if p['disk_free_bytes'] is not None else 'unknown'} free)"]
     lines += [f"  {k:<24}{_b(v):>12}" for k, v in p["disk_breakdown"].items() if v]
     lines.append(f"  disk per step: read {_b(p['disk_read_bytes_per_step'])}, write {_b(p['disk_write_bytes_per_step'])}"
-                 f" at {bw['read_gbps']:g} / {bw['write_gbps']:g} GB/s ({bw['source']})")
+                 f" at {bw['read_gbps']:.2f} / {bw['write_gbps']:.2f} GB/s ({bw['source']})")
     lines.append(f"  host memory {_b(p['host_bytes'])} with the tier, {_b(p['host_bytes_without_tier'])} without"
                  f" ({p['host_formula']})")
     return lines
