@@ -21,6 +21,9 @@ pub struct Roof {
     pub write_gbps: f64,
     /// The first write into freshly preallocated blocks, fdatasync included.
     pub first_write_gbps: f64,
+    /// Half the requests reads, half overwrites, interleaved and in flight together (the
+    /// optimizer's traffic: every layer read and written back), fdatasync included.
+    pub mixed_gbps: f64,
     pub backend: String,
     pub backend_note: String,
     pub direct_io: bool,
@@ -29,7 +32,7 @@ pub struct Roof {
 }
 
 /// Writes `bytes` (rounded to whole requests) to a scratch file under `dir` twice, reads them
-/// once, and removes the file (also on failure).
+/// once, reads half and overwrites half at once, and removes the file (also on failure).
 pub fn measure(dir: &Path, bytes: usize, cfg: IoConfig, choice: IoChoice, direct: bool) -> Result<Roof, String> {
     let chunk = cfg.chunk_bytes.max(ALIGN).next_multiple_of(ALIGN);
     // Ops of 8 chunks each, so a pass has many operations in flight through the back end.
@@ -70,30 +73,39 @@ pub fn measure(dir: &Path, bytes: usize, cfg: IoConfig, choice: IoChoice, direct
             let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(r);
         });
         let (backend, note) = io::open(choice, IoConfig { chunk_bytes: chunk, queue_depth: cfg.queue_depth }, sink)?;
-        let pass = |kind: OpKind| -> Result<f64, String> {
+        // Reads land in a buffer of their own: the writes' pattern stays intact.
+        let sink_buf = AlignedBuf::zeroed(op_bytes);
+        // `mixed`: even requests read, odd ones write.
+        let pass = |kind: OpKind, mixed: bool| -> Result<f64, String> {
             let n = bytes / op_bytes;
             let ops: Vec<Op> = (0..n)
-                .map(|k| Op { kind, fd, buf: buf.as_mut_ptr() as usize, len: op_bytes, offset: (k * op_bytes) as u64, token: k as u64 })
+                .map(|k| {
+                    let kind = if mixed { [OpKind::Read, OpKind::Write][k % 2] } else { kind };
+                    let b = if kind == OpKind::Read { sink_buf.as_mut_ptr() } else { buf.as_mut_ptr() };
+                    Op { kind, fd, buf: b as usize, len: op_bytes, offset: (k * op_bytes) as u64, token: k as u64 }
+                })
                 .collect();
             let t = Instant::now();
             backend.submit(&ops);
             for _ in 0..n {
                 rx.recv().map_err(|_| "the I/O back end stopped".to_string())??;
             }
-            if kind == OpKind::Write {
+            if kind == OpKind::Write || mixed {
                 backend.submit(&[Op { kind: OpKind::Sync, fd, buf: 0, len: 0, offset: 0, token: u64::MAX }]);
                 rx.recv().map_err(|_| "the I/O back end stopped".to_string())??;
             }
             Ok(bytes as f64 / t.elapsed().as_secs_f64() / 1e9)
         };
-        let first_write_gbps = pass(OpKind::Write)?;
-        let write_gbps = pass(OpKind::Write)?;
-        let read_gbps = pass(OpKind::Read)?;
+        let first_write_gbps = pass(OpKind::Write, false)?;
+        let write_gbps = pass(OpKind::Write, false)?;
+        let read_gbps = pass(OpKind::Read, false)?;
+        let mixed_gbps = pass(OpKind::Read, true)?;
         Ok(Roof {
             bytes: bytes as u64,
             read_gbps,
             write_gbps,
             first_write_gbps,
+            mixed_gbps,
             backend: backend.name().to_string(),
             backend_note: note,
             direct_io: direct,

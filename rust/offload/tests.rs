@@ -305,7 +305,7 @@ fn a_dead_runs_files_are_replaced() {
 fn the_roof_measures_both_directions() {
     let dir = TempDir::new("roof");
     let r = super::roof::measure(&dir.0, 8 << 20, IoConfig { chunk_bytes: 256 << 10, queue_depth: 4 }, IoChoice::Auto, direct_ok(&dir.0)).unwrap();
-    assert!(r.read_gbps > 0.0 && r.write_gbps > 0.0 && r.first_write_gbps > 0.0, "{r:?}");
+    assert!(r.read_gbps > 0.0 && r.write_gbps > 0.0 && r.first_write_gbps > 0.0 && r.mixed_gbps > 0.0, "{r:?}");
     assert!(r.bytes >= 8 << 20);
     assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 0, "the scratch file is removed");
 }
