@@ -7,9 +7,11 @@
 //!
 //! Layout under DIR:
 //!
-//!     DIR/horizon-offload.lock        flock'ed while a run uses DIR
-//!     DIR/horizon-offload/tier.json   what the files hold (layer sizes, parts, direct I/O)
-//!     DIR/horizon-offload/layer-00000.state ...
+//! ```text
+//! DIR/horizon-offload.lock        flock'ed while a run uses DIR
+//! DIR/horizon-offload/tier.json   what the files hold (layer sizes, parts, direct I/O)
+//! DIR/horizon-offload/layer-00000.state ...
+//! ```
 
 use super::layout::{LayerLayout, ALIGN};
 use std::ffi::CString;
@@ -55,6 +57,8 @@ fn fs_type_name(magic: i64) -> String {
     }
 }
 
+// The statvfs / statfs field types differ across targets: the casts are not no-ops everywhere.
+#[allow(clippy::unnecessary_cast)]
 pub fn fs_info(dir: &Path) -> Result<FsInfo, String> {
     let c = cstr(dir)?;
     // SAFETY: plain data structs filled by the kernel.

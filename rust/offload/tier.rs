@@ -605,8 +605,7 @@ struct Runtime {
 
 impl Runtime {
     fn run(&mut self, rx: Receiver<Msg>) {
-        loop {
-            let Ok(m) = rx.recv() else { break };
+        while let Ok(m) = rx.recv() {
             self.handle(m);
             while let Ok(m) = rx.try_recv() {
                 self.handle(m);

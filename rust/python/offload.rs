@@ -149,7 +149,7 @@ impl PyDiskTier {
         if step < 1 {
             return Err(err(format!("update: step counts from 1, got {step}")));
         }
-        if !(lr.is_finite() && lr >= 0.0) || !(0.0..1.0).contains(&beta1) || !(0.0..1.0).contains(&beta2) {
+        if !(lr.is_finite() && lr >= 0.0 && (0.0..1.0).contains(&beta1) && (0.0..1.0).contains(&beta2)) {
             return Err(err(format!("update: lr ({lr}) must be finite and >= 0, betas ({beta1}, {beta2}) in [0, 1)")));
         }
         if !(eps.is_finite() && eps >= 0.0 && weight_decay.is_finite() && weight_decay >= 0.0 && grad_scale.is_finite()) {
