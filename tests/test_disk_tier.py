@@ -153,6 +153,25 @@ def test_resume_from_a_checkpoint_of_a_tiered_run_equals_the_uninterrupted_run(t
     assert _identical({k: v.clone() for k, v in b.state_tensors().items()}, full_state)
 
 
+def test_hf_import_and_export_through_the_files_equal_the_ram_store(tmp_path):
+    # The import writes into file views (page cache) that the tier then reads with direct I/O;
+    # the export reads the files the tier wrote with direct I/O through the page cache.
+    cfg, batches = _config(tie=True), _batches(3, 4)
+    src, _, _, _ = _train(cfg, batches[:1])
+    src.save_pretrained(tmp_path / "hf")
+    ram = horizon.Trainer.from_pretrained(str(tmp_path / "hf"), device="cpu", **HP)
+    (tmp_path / "d").mkdir()
+    tier = horizon.Trainer.from_pretrained(str(tmp_path / "hf"), device="cpu", offload_dir=str(tmp_path / "d"), **HP)
+    assert [tier.train_step(i, lab) for i, lab in batches] == [ram.train_step(i, lab) for i, lab in batches]
+    ram.save_pretrained(tmp_path / "hf_ram")
+    tier.save_pretrained(tmp_path / "hf_tier")
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "hf_ram" / "model.safetensors"))
+    b = load_file(str(tmp_path / "hf_tier" / "model.safetensors"))
+    assert _identical(a, b)
+
+
 _KILLER = textwrap.dedent("""
     import os, signal, sys
     from horizon.engine import schedule
