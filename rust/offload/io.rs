@@ -27,7 +27,8 @@ pub struct Op {
     pub buf: usize,
     pub len: usize,
     pub offset: u64,
-    /// The caller's name for the operation, handed back to the sink.
+    /// The caller's name for the operation, handed back to the sink; unique among the
+    /// operations in flight.
     pub token: u64,
 }
 
@@ -83,7 +84,8 @@ struct OpTable {
 
 impl OpTable {
     fn begin(&self, token: u64, chunks: usize) {
-        lock(&self.ops).insert(token, (chunks, None));
+        let prev = lock(&self.ops).insert(token, (chunks, None));
+        debug_assert!(prev.is_none(), "I/O token {token} is in use: tokens name one operation each");
     }
 
     fn finish(&self, token: u64, r: Result<(), String>) {

@@ -308,4 +308,13 @@ fn the_roof_measures_both_directions() {
     assert!(r.read_gbps > 0.0 && r.write_gbps > 0.0 && r.first_write_gbps > 0.0 && r.mixed_gbps > 0.0, "{r:?}");
     assert!(r.bytes >= 8 << 20);
     assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 0, "the scratch file is removed");
+    // over existing files: each read and overwritten whole
+    let files: Vec<PathBuf> = (0..3).map(|i| dir.0.join(format!("f{i}"))).collect();
+    for (i, f) in files.iter().enumerate() {
+        std::fs::write(f, vec![1u8; (i + 1) * 3 * ALIGN]).unwrap();
+    }
+    let r = super::roof::measure_files(&files, IoConfig { chunk_bytes: ALIGN, queue_depth: 4 }, IoChoice::Auto, direct_ok(&dir.0)).unwrap();
+    assert_eq!(r.bytes as usize, 18 * ALIGN);
+    assert!(r.mixed_gbps > 0.0);
+    assert_eq!(std::fs::metadata(&files[2]).unwrap().len() as usize, 9 * ALIGN, "sizes are kept");
 }

@@ -298,6 +298,21 @@ fn offload_roof_json(py: Python<'_>, dir: PathBuf, nbytes: usize, chunk_bytes: u
     Ok(serde_json::to_string(&r).unwrap_or_default())
 }
 
+/// The same measurement over existing files (read and overwritten whole: their contents are
+/// lost), e.g. an idle tier's layer files, as JSON.
+#[pyfunction]
+#[pyo3(signature = (paths, *, chunk_bytes=1<<20, queue_depth=16, io="auto", direct=true))]
+fn offload_roof_files_json(py: Python<'_>, paths: Vec<PathBuf>, chunk_bytes: usize, queue_depth: usize, io: &str, direct: bool) -> PyResult<String> {
+    let choice = IoChoice::parse(io).map_err(err)?;
+    if chunk_bytes == 0 || queue_depth == 0 {
+        return Err(err("chunk_bytes and queue_depth must be positive"));
+    }
+    let r = py.allow_threads(|| {
+        guard("offload_roof_files", || off::roof::measure_files(&paths, IoConfig { chunk_bytes, queue_depth }, choice, direct).map_err(err))
+    })?;
+    Ok(serde_json::to_string(&r).unwrap_or_default())
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDiskTier>()?;
     m.add_class::<PyDiskTicket>()?;
@@ -305,5 +320,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(offload_fs_info_json, m)?)?;
     m.add_function(wrap_pyfunction!(offload_io_probe, m)?)?;
     m.add_function(wrap_pyfunction!(offload_roof_json, m)?)?;
+    m.add_function(wrap_pyfunction!(offload_roof_files_json, m)?)?;
     Ok(())
 }

@@ -118,34 +118,53 @@ def _old_tier_bytes(path: Path) -> int:
         return 0
 
 
-def check_offload_dir(offload_dir, need_bytes: int) -> tuple[Path, bool, str]:
-    """Refuses, with one line naming DIR, a directory that is missing, not a directory, not
-    writable, in memory (tmpfs: the tier would hold the state in RAM) or without `need_bytes`
-    free. Returns (path, direct I/O possible, note): without O_DIRECT the tier falls back to
-    buffered I/O, and the note says so. Writes nothing that outlives the call."""
+def _free_bytes(path: Path) -> int:
+    st = _statvfs(str(path))
+    return st.f_bavail * st.f_frsize + _old_tier_bytes(path)
+
+
+def dir_problem(offload_dir, need_bytes: int, *, write_probe: bool = False) -> str | None:
+    """Why DIR cannot hold a tier of `need_bytes` (one line naming it), or None: missing, not a
+    directory, not writable (`write_probe`: by creating and removing a file; else by its
+    permissions), in memory (tmpfs: the tier would hold the state in RAM), or too small."""
     if offload_dir is None or str(offload_dir) == "":
-        raise HorizonError("offload_dir must name a directory")
+        return "offload_dir must name a directory"
     path = Path(offload_dir).expanduser()
     if not path.exists():
-        raise HorizonError(f"offload dir {path} does not exist")
+        return f"offload dir {path} does not exist"
     if not path.is_dir():
-        raise HorizonError(f"offload dir {path} is not a directory")
-    probe = path / f".horizon-write-probe-{os.getpid()}"
+        return f"offload dir {path} is not a directory"
+    if write_probe:
+        probe = path / f".horizon-write-probe-{os.getpid()}"
+        try:
+            fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            return f"offload dir {path} is not writable: {e.strerror or e}"
+    elif not os.access(path, os.W_OK | os.X_OK):
+        return f"offload dir {path} is not writable"
     try:
-        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise HorizonError(f"offload dir {path} is not writable: {e.strerror or e}") from None
-    info = _fs_info(path)
+        info = _fs_info(path)
+        free = _free_bytes(path)
+    except (HorizonError, OSError) as e:
+        return f"offload dir {path}: {getattr(e, 'strerror', None) or e}"
     if info.get("in_memory"):
-        raise HorizonError(f"offload dir {path} is on {info.get('fs_type', 'tmpfs')} (memory): the disk tier would "
-                           "keep the optimizer state in RAM; choose a directory on a local disk")
-    st = _statvfs(str(path))
-    free = st.f_bavail * st.f_frsize + _old_tier_bytes(path)
+        return (f"offload dir {path} is on {info.get('fs_type', 'tmpfs')} (memory): the disk tier would keep the "
+                "optimizer state in RAM; choose a directory on a local disk")
     if free < need_bytes:
-        raise HorizonError(f"offload dir {path} has {free / GIB:.2f} GiB free, the disk tier needs "
-                           f"{need_bytes / GIB:.2f} GiB")
+        return f"offload dir {path} has {free / GIB:.2f} GiB free, the disk tier needs {need_bytes / GIB:.2f} GiB"
+    return None
+
+
+def check_offload_dir(offload_dir, need_bytes: int) -> tuple[Path, bool, str]:
+    """Refuses DIR with the one line of `dir_problem`. Returns (path, direct I/O possible,
+    note): without O_DIRECT the tier falls back to buffered I/O, and the note says so. Writes
+    nothing that outlives the call."""
+    problem = dir_problem(offload_dir, need_bytes, write_probe=True)
+    if problem:
+        raise HorizonError(problem)
+    path = Path(offload_dir).expanduser()
     why = _probe_direct(str(path))
     if why is None:
         return path, True, ""
@@ -515,22 +534,19 @@ def apply_disk_tier(p: dict, layers, offload_dir, *, compute_bytes: int | None =
         fits_host = host_total <= m["host_available_bytes"] - margin
     else:
         fits_host = host_total + p["device_bytes"] <= m["host_available_bytes"] - margin
-    free = None
-    fits_disk = True
+    problem = dir_problem(offload_dir, sizes["disk_bytes"])
     try:
-        path = Path(offload_dir).expanduser()
-        st = _statvfs(str(path))
-        free = st.f_bavail * st.f_frsize + _old_tier_bytes(path)
-        fits_disk = free >= sizes["disk_bytes"]
+        free = _free_bytes(Path(offload_dir).expanduser())
     except (OSError, TypeError, ValueError):
-        fits_disk = False
+        free = None
+    fits_disk = problem is None
     p.update({
         "offload_dir": str(offload_dir),
         "host_bytes_without_tier": p["host_bytes"],
         "host_breakdown_without_tier": before,
         "host_bytes": host_total, "host_breakdown": host,
         "disk_bytes": sizes["disk_bytes"], "disk_breakdown": disk,
-        "disk_free_bytes": free,
+        "disk_free_bytes": free, "disk_problem": problem,
         "disk_read_bytes_per_step": sizes["read_bytes_per_step"],
         "disk_write_bytes_per_step": sizes["write_bytes_per_step"],
         "disk_bandwidth": {"read_gbps": rd, "write_gbps": wr,
@@ -571,9 +587,7 @@ def tier_plan_lines(p: dict) -> list[str]:
 def tier_plan_why(p: dict) -> list[str]:
     """Reasons the tier does not fit (for the verdict line)."""
     if "disk_bytes" in p and not p.get("fits_disk", True):
-        free = p.get("disk_free_bytes")
-        return [f"the disk tier needs {_b(p['disk_bytes'])} in {p['offload_dir']}, "
-                f"{_b(free) if free is not None else 'an unreadable amount'} free"]
+        return [p.get("disk_problem") or f"the disk tier needs {_b(p['disk_bytes'])} in {p['offload_dir']}"]
     return []
 
 
