@@ -14,7 +14,7 @@ import pytest
 RUST = Path(__file__).resolve().parents[1] / "rust"
 
 # Lowest first: each module may use only the modules before it.
-LAYERS = ["cpu", "cuda", "memory", "adam", "pipeline", "python"]
+LAYERS = ["cpu", "cuda", "memory", "adam", "pipeline", "offload", "python"]
 
 _COMMENT_OR_TEXT = re.compile(
     r'//[^\n]*|/\*.*?\*/|b?r(#*)".*?"\1|b?"(?:\\.|[^"\\])*"|b?\'(?:\\.|[^\\\'])\'',

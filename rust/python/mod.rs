@@ -7,6 +7,7 @@ mod adam;
 mod cuda;
 mod dlpack;
 mod memory;
+mod offload;
 mod pipeline;
 
 use crate::cpu::{simd, topology};
@@ -91,5 +92,6 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     memory::register(m)?;
     pipeline::register(m)?;
     cuda::register(m)?;
+    offload::register(m)?;
     Ok(())
 }

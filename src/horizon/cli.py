@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="show what Horizon sees of this machine")
     d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.add_argument("--disk", metavar="DIR", help="measure DIR's sequential direct read/write bandwidth "
+                   "(for --offload-dir; saved in DIR for `horizon plan`)")
 
     t = sub.add_parser("train", help="train a model (with no arguments: the tiny preset on the shipped corpus)",
                        description="Train a model. Options come from defaults, then --config FILE (TOML), "
@@ -151,7 +153,8 @@ def _plan(args) -> int:
     src = model_dir.resolve(m.model_dir, m.preset, m.tokenizer, shipped_tokenizer_path(), m.model_path)
     p = planmod.make_plan(src.spec, batch_size=c.data.batch_size, seq_len=c.data.seq_len,
                           micro_batch_size=c.engine.micro_batch_size, grad_clip=c.optim.grad_clip is not None,
-                          machine=planmod.this_machine(c.engine.device), compute_dtype=c.engine.compute_dtype)
+                          machine=planmod.this_machine(c.engine.device), compute_dtype=c.engine.compute_dtype,
+                          offload_dir=c.engine.offload_dir)
     print(json.dumps(dict(p, model=src.name if src.model_dir is None else str(m.model_dir)))
           if args.json else planmod.format_plan(p))
     return 0 if p["fits"] else 1  # scripts can ask `horizon plan ... && horizon train ...`
@@ -171,7 +174,7 @@ def _dispatch(args) -> int:
     if args.command == "doctor":
         from .doctor import main as doctor_main
 
-        return doctor_main(args.json)
+        return doctor_main(args.json, disk=args.disk)
     if args.command == "train":
         from .run import train
 

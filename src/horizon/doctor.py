@@ -8,7 +8,7 @@ import platform
 from . import __version__
 
 
-def collect() -> dict:
+def collect(disk=None) -> dict:
     from . import native
 
     info = dict(native.system_info())
@@ -29,6 +29,11 @@ def collect() -> dict:
         info["host_store"] = probe()
     except Exception as e:  # report, never crash
         info["host_store"] = {"error": f"{type(e).__name__}: {e}"}
+    from .engine import offload
+
+    info["disk_io"] = offload.disk_io_info()
+    if disk is not None:  # `--disk DIR`: measured here, saved in DIR for `horizon plan`
+        info["disk"] = offload.doctor_disk(disk)
     archs: dict[str, list[str]] = {}
     for k in info["kernels"]:
         archs.setdefault(k["name"], []).append(k["arch"])
@@ -65,6 +70,9 @@ def render(info: dict) -> str:
         huge = "huge pages requested" if hs.get("huge_pages_requested") else f"no huge pages ({hs.get('huge_pages_note')})"
         lines.append(f"host store     {bind}; {huge}")
         lines.append(f"pinning        {pin_summary(hs)}")
+    from .engine.offload import doctor_lines
+
+    lines += doctor_lines(info)
     if info["cuda_driver_present"]:
         lines.append(f"CUDA driver    present, version {_driver(info['cuda_driver_version'])}")
     else:
@@ -113,7 +121,7 @@ def _cpus(cpus: list) -> str:
     return ",".join(runs)
 
 
-def main(as_json: bool) -> int:
-    info = collect()
+def main(as_json: bool, disk=None) -> int:
+    info = collect(disk)
     print(json.dumps(info, indent=2) if as_json else render(info))
     return 0

@@ -180,10 +180,11 @@ def _rates(machine: Machine):
 
 def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
               grad_clip: bool = False, machine: Machine | None = None, compute_dtype: str | None = None,
-              model_path: str = "auto") -> dict:
+              model_path: str = "auto", offload_dir: str | None = None) -> dict:
     """The footprint and step-time bound of training `config` at these sizes on `machine`
     (`compute_dtype`: "float32" or "bfloat16"; None: bf16 on a GPU, fp32 on the CPU;
-    `model_path`: as `horizon train --model-path`)."""
+    `model_path`: as `horizon train --model-path`; with `offload_dir`: with the disk tier there,
+    see engine/offload.py)."""
     # The rules of the run's own options (data shape, micro-batch), checked the same way.
     DataConfig(seq_len=seq_len, batch_size=batch_size)
     EngineConfig(micro_batch_size=micro_batch_size)
@@ -253,7 +254,7 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
     else:
         fits_host = host_total + device_total <= usable
         fits_device = True
-    return {
+    plan = {
         "architecture": s.architecture,
         "parameters": n,
         "layers": s.num_layers,
@@ -273,6 +274,11 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
                     "process_bytes": machine.process_bytes, "host_usable_bytes": max(0, usable)},
         "fits_host": fits_host, "fits_device": fits_device, "fits": fits_host and fits_device,
     }
+    if offload_dir is not None:
+        from .engine.offload import apply_disk_tier
+
+        apply_disk_tier(plan, layers, offload_dir)
+    return plan
 
 
 def _b(x: int) -> str:
@@ -300,6 +306,9 @@ def format_plan(p: dict) -> str:
     terms = ", ".join(f"{k[:-2]} {v:.3g} s" for k, v in p["step_time_terms_s"].items())
     lines.append(f"step time >= {p['step_time_lower_bound_s']:.3g} s ({terms})")
     lines.append(f"  assumed: {p['assumptions']}")
+    from .engine.offload import tier_plan_lines, tier_plan_why
+
+    lines += tier_plan_lines(p)
     avail = f"{_b(m['host_available_bytes'])} host RAM available"
     if m["device"] == "cuda":
         avail += f", {m['name']} with {_b(m['device_bytes'])} free"
@@ -310,5 +319,6 @@ def format_plan(p: dict) -> str:
         why.append(f"needs {_b(need)} of host memory, {_b(m['host_usable_bytes'])} usable")
     if not p["fits_device"]:
         why.append(f"needs {_b(p['device_bytes'])} of GPU memory, {_b(m['device_bytes'])} free")
+    why += tier_plan_why(p)
     lines.append(f"this machine ({avail}): {verdict}" + (f": {'; '.join(why)}" if why else ""))
     return "\n".join(lines)

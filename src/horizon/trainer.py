@@ -58,8 +58,8 @@ class Trainer:
 
     def __init__(self, spec, *, optim=None, engine=None, device=_UNSET, compute_dtype=_UNSET, lr=_UNSET,
                  weight_decay=_UNSET, betas=_UNSET, eps=_UNSET, grad_clip=_UNSET, micro_batch_size=_UNSET,
-                 track_grad_norm=_UNSET, n_slots=_UNSET, offload_checkpoints=_UNSET, data_parallel=None,
-                 model_path=None, _init=None):
+                 track_grad_norm=_UNSET, n_slots=_UNSET, offload_checkpoints=_UNSET, offload_dir=_UNSET,
+                 data_parallel=None, model_path=None, _init=None):
         """`optim` (OptimizerConfig) and `engine` (EngineConfig) give the options whole; the
         keyword arguments override single fields (defaults: those of the configs, the same as
         `horizon train`'s). `spec`: a ModelSpec / hf-path spec, or a config.json dict read with
@@ -79,7 +79,7 @@ class Trainer:
         self.optim_config, self.engine_config = _configs(optim, engine, dict(
             device=device, compute_dtype=compute_dtype, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
             grad_clip=grad_clip, micro_batch_size=micro_batch_size, track_grad_norm=track_grad_norm,
-            n_slots=n_slots, offload_checkpoints=offload_checkpoints))
+            n_slots=n_slots, offload_checkpoints=offload_checkpoints, offload_dir=offload_dir))
         oc, ec = self.optim_config, self.engine_config
         self.device = resolve_device(ec.device)
         self.compute_dtype = resolve_dtype(ec.compute_dtype, self.device)
@@ -107,9 +107,17 @@ class Trainer:
             # docs/distributed.md: each rank holds its shard of the optimizer state.
             from .engine.distributed import DataParallelEngine, ShardedHostModel
 
+            if ec.offload_dir is not None:
+                raise HorizonError("offload_dir (the disk tier) does not run data parallel yet")
             if hdist.backend() == "nccl" and self.device.type != "cuda":
                 raise HorizonError(f"the process group uses NCCL, which needs a CUDA device; got device {device!r}")
             self.model = ShardedHostModel(spec, with_grad=with_grad, pin=pin, compute_dtype=self.compute_dtype)
+        elif ec.offload_dir is not None:
+            # docs/engine.md "The disk tier": master and Adam state in files under offload_dir.
+            from .engine.offload import TieredHostModel
+
+            self.model = TieredHostModel(spec, ec.offload_dir, with_grad=with_grad, pin=pin,
+                                         compute_dtype=self.compute_dtype)
         else:
             self.model = HostModel(spec, with_grad=with_grad, pin=pin)
         if _init is not None:
@@ -297,6 +305,7 @@ class Trainer:
             # Layer updates a step skipped for a non-finite gradient (the whole step's), plus any
             # the Rust workers skipped as they ran (wait for the queued updates first).
             "skipped_layer_updates": self._landed_skips() + self._skipped_layers,
+            **(self.model.tier_stats() if hasattr(self.model, "tier_stats") else {}),  # disk_* of the disk tier
         }
 
     def state_tensors(self, *, rank0_only: bool = False) -> dict:

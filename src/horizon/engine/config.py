@@ -42,6 +42,8 @@ class EngineConfig:
     offload_checkpoints: bool | None = option(None, "activation checkpoints in host memory (None: when they "
                                               "do not fit the device)", cli=False)
     track_grad_norm: bool = option(True, "compute the global gradient norm every step", cli=False)
+    offload_dir: str | None = option(None, "keep the fp32 master and Adam state in files under DIR, streamed "
+                                     "each step (the disk tier; docs/engine.md)", metavar="DIR", path=True)
 
     def __post_init__(self):
         if isinstance(self.device, torch.device):

@@ -229,6 +229,9 @@ class GradientLanding:
             marker.wait()
         self.release_copied()
 
+    def begin_step(self) -> None:
+        """A step starts (the disk tier's landing starts its reads ahead here)."""
+
     def _copy_out(self, flat_grad: torch.Tensor, dst: torch.Tensor):
         """Queues flat_grad -> dst (host). Returns (ticket, None) on the CPU device, (None,
         cuda_event) on CUDA."""

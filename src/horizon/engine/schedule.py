@@ -142,7 +142,8 @@ class LayerMajorEngine:
         # One pipeline (three worker lanes) per engine, so its counters are this engine's.
         self.pipeline = _native.Pipeline()
         self.stream = WeightStream(n_slots, max_numel, device, compute_dtype, pipeline=self.pipeline)
-        self.landing = GradientLanding(landing_slots or 2, max_numel, device, pipeline=self.pipeline)
+        make_landing = getattr(model, "make_landing", None)  # the disk tier brings its own
+        self.landing = (make_landing or GradientLanding)(landing_slots or 2, max_numel, device, pipeline=self.pipeline)
         self.device_ledger.hold("weight-slots", self.stream.device_bytes)
         self.host_ledger.hold("slabs", model.host_bytes)
         self.host_ledger.hold("landing-slots", self.landing.host_bytes)
@@ -291,6 +292,7 @@ class LayerMajorEngine:
         if tied:
             items.append((("head-weight", embed.key), embed))
         items += [(("bwd", b.key), b) for b in reversed(blocks)]
+        self.landing.begin_step()
         streamer = _Streamer(self, items)
         self.layer_landings = {}
         self._ring_turn = 0
