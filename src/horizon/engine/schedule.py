@@ -160,9 +160,6 @@ class LayerMajorEngine:
                            for name, n in (("wide", wide), ("ring0", ring), ("ring1", ring))}
         self.device_ledger.hold("grad-buffers", tensor_bytes(list(self._grad_bufs.values())))
         self._ring_turn = 0
-        # The loss gate of the no-clipping schedule: two host ints, alternating per step.
-        self._gates = torch.ones(2, dtype=torch.int32, pin_memory=self._cuda)
-        self._gate_turn = 0
         self.host_syncs = 0  # device -> host reads that wait for the device (one per step)
         self._ckpt_stores: dict = {}
         self._offload_by_tokens: dict = {}
@@ -476,8 +473,6 @@ class LayerMajorEngine:
             ckpts.clear()
             self._drop_step_holdings()
             raise
-        finally:
-            self.landing.gate = None
 
     # ------------------------------------------------------------------ state kept across steps
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
