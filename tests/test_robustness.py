@@ -515,7 +515,9 @@ def test_plan_counts_the_process_and_exits_non_zero_when_it_does_not_fit(capsys)
 @pytest.mark.slow
 def test_plan_is_not_below_the_measured_peak_of_a_real_run(tmp_path):
     # A 24M-parameter model (the case): the plan's host total against the peak resident
-    # size of `horizon train` measured by the kernel (ru_maxrss of the process itself).
+    # size of `horizon train` measured by the kernel: VmHWM, the high-water mark of the process's
+    # own address space. Not ru_maxrss: Linux carries the pre-exec high-water mark of the forking
+    # parent (this pytest process, 1.5-1.8 GiB late in the suite) into the child's ru_maxrss.
     from horizon import plan
     from horizon.data import shipped_tokenizer_path
 
@@ -526,17 +528,19 @@ def test_plan_is_not_below_the_measured_peak_of_a_real_run(tmp_path):
     shutil.copyfile(shipped_tokenizer_path(), model / "tokenizer.json")
     args = ["train", "--model-dir", str(model), "--device", "cpu", "--batch-size", "4", "--seq-len", "64",
             "--steps", "1", "--out", str(tmp_path / "run")]
-    code = ("import resource, sys; from horizon.cli import main; rc = main(sys.argv[1:]); "
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024); sys.exit(rc)")
+    code = ("import sys; from horizon.cli import main; rc = main(sys.argv[1:]); "
+            "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "
+            "print('PEAK', int(hwm) * 1024); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert r.returncode == 0, r.stderr
     peak = int(r.stdout.split("PEAK")[-1].split()[0])
     p = plan.make_plan(cfg, batch_size=4, seq_len=64, machine=plan.Machine("cpu", "CPU", 64 << 30, 0, 2))
     planned = p["host_bytes"] + p["device_bytes"]
-    # The peak of this run varied from 1473 to 1553 MiB between runs on the loaded 2-core
-    # machine (malloc arenas of the worker threads); the plan must stay within 20% below it.
-    assert planned >= 0.8 * peak, (planned / 2**20, peak / 2**20)
+    # Planned 1305 MiB; the peak of this run measured 1197-1292 MiB between runs on the 2-core
+    # machine (malloc arenas of the worker threads vary it); the plan must not fall more than 5%
+    # below it.
+    assert planned >= 0.95 * peak, (planned / 2**20, peak / 2**20)
     assert planned <= 1.6 * peak, (planned / 2**20, peak / 2**20)
 
 
