@@ -70,6 +70,7 @@ def bad_cases(tmp_path_factory):
         (["train", "--steps", "-3"], 2, "--steps"),
         (["train", "--batch-size", "0"], 2, "--batch-size"),
         (["train", "--lr", "nan"], 2, "--lr"),
+        (["train", "--activation-memory", "lots"], 2, "--activation-memory must be a byte count"),
         (["train", "--steps", "many"], 2, "invalid integer"),
         (["train", *TINY, "--data", str(empty)], 1, "is empty"),
         (["train", *TINY, "--data", str(binary)], 1, "not UTF-8"),

@@ -291,16 +291,20 @@ def test_hf_path_tied_head_streams_the_embedding_again():
     assert trainer.stats["grad_bytes_d2h"] == sum(sizes.values())
 
 
-def test_hf_path_device_bytes_do_not_grow_with_depth():
+@pytest.mark.parametrize("activation_memory", [0, 1_000_000])
+def test_hf_path_device_bytes_do_not_grow_with_depth(activation_memory):
+    # Every block recomputed, or a budget of a few blocks' saved tensors (kept in both depths).
     peaks = {}
     for layers in (4, 16):
         trainer = horizon.Trainer.from_config(_moe_config(layers), device="cpu", micro_batch_size=2,
-                                              model_path="hf")
+                                              model_path="hf", activation_memory=activation_memory)
         for _ in range(2):
             trainer.train_step(torch.randint(0, VOCAB, (4, 16)))
         peaks[layers] = trainer.stats["peak_device_bytes"]
         block = trainer.model.layers[1].numel * 4
         assert peaks[layers] > 2 * block  # the accounting is real: at least the two weight slots
+        kept = trainer.stats["activation_blocks"]
+        assert ("keep" in kept.values() or "partial" in kept.values()) == (activation_memory > 0), kept
     assert abs(peaks[16] - peaks[4]) <= 0.05 * peaks[4], peaks
 
 

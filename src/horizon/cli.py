@@ -154,7 +154,7 @@ def _plan(args) -> int:
     p = planmod.make_plan(src.spec, batch_size=c.data.batch_size, seq_len=c.data.seq_len,
                           micro_batch_size=c.engine.micro_batch_size, grad_clip=c.optim.grad_clip is not None,
                           machine=planmod.this_machine(c.engine.device), compute_dtype=c.engine.compute_dtype,
-                          offload_dir=c.engine.offload_dir)
+                          offload_dir=c.engine.offload_dir, activation_memory=c.engine.activation_memory)
     print(json.dumps(dict(p, model=src.name if src.model_dir is None else str(m.model_dir)))
           if args.json else planmod.format_plan(p))
     return 0 if p["fits"] else 1  # scripts can ask `horizon plan ... && horizon train ...`

@@ -122,6 +122,34 @@ def check_value(name: str, value, kind: str, optional: bool, m: dict):
     return value
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12,
+               "tib": 1 << 40}
+
+
+def parse_bytes(name: str, value) -> int:
+    """A byte count given as an int or a string with a unit ("8GiB", "512MB", "1.5G"; K/M/G/T
+    alone are binary); raises ConfigError naming the flag."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        num = text.rstrip("kmgtib")
+        unit = text[len(num):]
+        try:
+            n = float(num) * _BYTE_UNITS[unit] if num else None
+        except (ValueError, KeyError):
+            n = None
+        if n is None or not math.isfinite(n):
+            raise ConfigError(f"{flag(name)} must be a byte count such as 8GiB, 512MB or 1000000, got {value!r}", name)
+        n = int(n)
+    else:
+        raise ConfigError(f"{flag(name)} must be a byte count such as 8GiB, 512MB or 1000000, got {value!r}", name)
+    if n < 0:
+        raise ConfigError(f"{flag(name)} must be >= 0 bytes, got {value!r}", name)
+    return n
+
+
 def check_fields(obj) -> None:
     """Validates (and normalises) every field of a config dataclass instance, in place."""
     for f in dataclasses.fields(obj):

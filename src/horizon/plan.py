@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 from .data.config import DataConfig
 from .engine.config import EngineConfig, check_micro_batch
+from .engine.activations import step_flops
+from .engine.ledger import host_memory
 from .errors import HorizonError
-from .models import layer_defs, resolve
+from .models import layer_active_parameters, layer_defs, resolve
 
 GIB = 1 << 30
 WEIGHT_SLOTS = 2        # S: layers resident on the device at once (one computing, one loading)
@@ -72,21 +74,53 @@ def count_parameters(config) -> int:
     return sum(n for _, n in layer_parameters(config))
 
 
-def _block_activation_bytes(s, tokens: int) -> int:
-    """Live bytes of one block's recompute + backward for `tokens` tokens, in bf16: the saved
-    forward tensors (block input, two norm outputs, q/k/v, attention output, attention-out and
-    MLP-out residuals, gate/up/product of the MLP; for MoE the k routed copies and the router
-    logits) and as much again for their gradients. Attention is assumed memory-efficient (no
-    sequence x sequence matrix)."""
+def _block_saved_elements(s, tokens: int, seq_len: int, math_attention: bool) -> int:
+    """Elements one block's forward saves for its backward over `tokens` tokens: the block
+    input, two norm outputs, q/k/v (and q/k normed where the family norms them), attention
+    output, attention-out and MLP-out residuals, gate/up/activation/product of the MLP (MoE:
+    each of the k routed copies' input, gate/up/activation/product and weighted output, and the
+    router's logits and choices); with `math_attention` (the CPU device) the attention's scores
+    and probabilities (2 x heads x seq_len per token), else none (memory-efficient attention).
+    tests/test_activation_budget.py holds it against the bytes the engine measures."""
     if not hasattr(s, "num_heads"):  # the hf path: transformers' modules, sizes not ours to read;
-        return 2 * 2 * tokens * 16 * s.hidden_size  # a generous per-token allowance (16 hidden vectors)
+        return tokens * 16 * s.hidden_size  # a generous per-token allowance (16 hidden vectors)
     q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
     if s.is_moe:
-        mlp = 3 * (s.num_experts_per_tok * s.moe_intermediate_size + s.num_experts)
+        mlp = s.num_experts_per_tok * (3 * s.hidden_size + 4 * s.moe_intermediate_size + 4) + 2 * s.num_experts
     else:
         mlp = 3 * s.intermediate_size
-    per_token = 5 * s.hidden_size + q + 2 * kv + q + mlp
-    return 2 * 2 * tokens * per_token
+    qk_norm = (q + kv) if getattr(s, "qk_norm", False) else 0  # Qwen3's normed q and k
+    attention = 2 * s.num_heads * seq_len if math_attention else 0
+    return tokens * (5 * s.hidden_size + q + 2 * kv + q + qk_norm + mlp + attention)
+
+
+def activation_plan(s, *, batch_size: int, seq_len: int, micro_batch: int, elem: int, budget: int,
+                    active: dict, math_attention: bool) -> dict:
+    """Which (block, micro-batch) forwards keep their saved tensors within `budget` bytes (the
+    engine's greedy rule, in forward order, on the estimated bytes per unit) and what that makes
+    of a step: kept bytes, the tokens whose block inputs are still checkpointed, the matmul
+    FLOPs (`engine.activations.step_flops`)."""
+    units = [min(micro_batch, batch_size - lo) * seq_len for lo in range(0, batch_size, micro_batch)]
+    keys = list(active)[1:-1]
+    per_token = _block_saved_elements(s, 1, seq_len, math_attention) * elem
+    held = kept_units = checkpoint_tokens = 0
+    per_block, recomputed = {}, {}
+    for key in keys:
+        kept = 0
+        for t in units:
+            if held + t * per_token <= budget:
+                held += t * per_token
+                kept += 1
+            else:
+                recomputed[key] = recomputed.get(key, 0) + t
+                checkpoint_tokens += t
+        kept_units += kept
+        per_block[key] = "keep" if kept == len(units) else ("recompute" if kept == 0 else "partial")
+    counts = {v: sum(1 for x in per_block.values() if x == v) for v in ("keep", "partial", "recompute")}
+    return {"budget_bytes": budget, "unit_bytes": units[0] * per_token, "kept_bytes": held,
+            "units_kept": kept_units, "units": len(units) * len(keys), "blocks": counts, "per_block": per_block,
+            "flops_per_step": step_flops(active, s.tie_word_embeddings, batch_size * seq_len, recomputed),
+            "checkpoint_tokens": checkpoint_tokens}
 
 
 @dataclass
@@ -111,37 +145,6 @@ def process_rss() -> int:
     return 0
 
 
-def _host_available() -> int:
-    avail = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        except (ValueError, OSError):
-            avail = 0
-    for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            raw = open(p).read().strip()
-        except OSError:
-            continue
-        if raw.isdigit() and int(raw) < (1 << 60):
-            used = 0
-            for q in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
-                try:
-                    used = int(open(q).read().strip())
-                    break
-                except (OSError, ValueError):
-                    continue
-            avail = min(avail, max(0, int(raw) - used))
-    return avail
-
-
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -151,7 +154,7 @@ def _cores() -> int:
 
 def this_machine(device: str = "auto") -> Machine:
     """The machine a run on `device` (an EngineConfig device) would use, as it is now."""
-    host = _host_available()
+    host = host_memory()[0]
     if device == "cpu":
         return Machine("cpu", "CPU", host, 0, _cores(), process_rss())
     import torch
@@ -163,7 +166,7 @@ def this_machine(device: str = "auto") -> Machine:
         return Machine("cpu", "CPU", host, 0, _cores(), process_rss())
     free, total = torch.cuda.mem_get_info(dev.index)
     # After the CUDA context exists, so the resident size counts it.
-    return Machine("cuda", torch.cuda.get_device_name(dev.index), _host_available(), int(free), _cores(),
+    return Machine("cuda", torch.cuda.get_device_name(dev.index), host_memory()[0], int(free), _cores(),
                    process_rss())
 
 
@@ -180,11 +183,11 @@ def _rates(machine: Machine):
 
 def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: int | None = None,
               grad_clip: bool = False, machine: Machine | None = None, compute_dtype: str | None = None,
-              model_path: str = "auto", offload_dir: str | None = None) -> dict:
+              model_path: str = "auto", offload_dir: str | None = None, activation_memory="auto") -> dict:
     """The footprint and step-time bound of training `config` at these sizes on `machine`
     (`compute_dtype`: "float32" or "bfloat16"; None: bf16 on a GPU, fp32 on the CPU;
     `model_path`: as `horizon train --model-path`; with `offload_dir`: with the disk tier there,
-    see engine/offload.py)."""
+    see engine/offload.py; `activation_memory`: as `horizon train --activation-memory`)."""
     # The rules of the run's own options (data shape, micro-batch), checked the same way.
     DataConfig(seq_len=seq_len, batch_size=batch_size)
     EngineConfig(micro_batch_size=micro_batch_size)
@@ -214,28 +217,52 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
         "landing_slots": LANDING_SLOTS * 4 * largest,
         "load_buffer_fp32": 4 * largest,  # one layer's state read from a model or checkpoint file
     }
-    checkpoints = s.num_layers * tokens * s.hidden_size * c
     device = {
         "weight_slots": WEIGHT_SLOTS * c * largest,
         # the engine's persistent fp32 gradient buffers: two alternating ones of the largest layer
         # and one for the embedding (engine/schedule.py `_grad_acc`)
         "grad_accumulator_fp32": 4 * (2 * largest + layers[0][1]),
-        "activation_checkpoints": checkpoints,
+        "activation_checkpoints": s.num_layers * tokens * s.hidden_size * c,
         "hidden_states": 2 * tokens * s.hidden_size * c,  # the layer's outputs and their gradients
-        "block_activations": _block_activation_bytes(s, mb * seq_len) * c // 2,
+        # a recompute + its backward
+        "block_activations": 2 * _block_saved_elements(s, mb * seq_len, seq_len, machine.device == "cpu") * c,
         "loss_chunk": 2 * 4 * min(LOSS_CHUNK_TOKENS, mb * seq_len) * s.vocab_size,
     }
     offloaded = False
     if machine.device == "cuda" and sum(device.values()) > machine.device_bytes:
         # The checkpoints move to pinned host memory when they do not fit beside the rest.
         offloaded = True
+        host["offloaded_checkpoints"] = device.pop("activation_checkpoints")
         device["activation_checkpoints"] = 0
-        host["offloaded_checkpoints"] = checkpoints
+    # The activation budget (engine/schedule.py `_activation_budget`): auto is what the device
+    # has left after the rest (on the CPU device: host memory), less max(1 GiB, 10%), less room
+    # for the backward's live activations (twice a kept unit).
+    budget = EngineConfig(activation_memory=activation_memory).activation_budget()
+    active = layer_active_parameters(s)
+    unit = _block_saved_elements(s, mb * seq_len, seq_len, machine.device == "cpu") * c
+    if budget is None:
+        if machine.device == "cuda":
+            left = machine.device_bytes - sum(device.values())
+            margin = max(GIB, machine.device_bytes // 10)
+        else:
+            left = machine.host_bytes + machine.process_bytes - sum(host.values()) - sum(device.values())
+            margin = max(GIB, machine.host_bytes // 10)
+        budget = max(0, left - margin - 2 * unit)
+    acts = activation_plan(s, batch_size=batch_size, seq_len=seq_len, micro_batch=mb, elem=c, budget=budget,
+                           active=active, math_attention=machine.device == "cpu")
+    # Kept units hold their own inputs: only the recomputed ones' inputs are checkpoints.
+    ckpt = acts["checkpoint_tokens"] * s.hidden_size * c
+    if offloaded:
+        host["offloaded_checkpoints"] = ckpt
+    else:
+        device["activation_checkpoints"] = ckpt
+    device["kept_activations"] = acts["kept_bytes"]
+    acts["bytes_moved"] = 2 * ckpt if offloaded else 0  # to the host in the forward, back in the backward
     host_total = sum(host.values())
     device_total = sum(device.values())
 
     flops, h2d, d2h, assumed = _rates(machine)
-    compute_s = 8 * n * tokens / flops   # forward 2NT + recompute 2NT + backward 4NT
+    compute_s = acts["flops_per_step"] / flops
     bounds = {"compute_s": compute_s,
               "optimizer_s": ADAM_BYTES_PER_PARAM * n / (HOST_MEMORY_GBPS * 1e9)}
     if machine.device == "cuda":
@@ -264,11 +291,13 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
         "host_bytes": host_total, "host_breakdown": host,
         "device_bytes": device_total, "device_breakdown": device,
         "checkpoints_offloaded": offloaded,
+        "activations": acts,
         "pcie_bytes_per_step": sum(pcie.values()), "pcie_breakdown": pcie,
         "step_time_lower_bound_s": step_s, "step_time_terms_s": bounds,
         "tokens_per_s_upper_bound": tokens / step_s if step_s > 0 else math.inf,
         "assumptions": f"{assumed}; host memory {HOST_MEMORY_GBPS:g} GB/s for AdamW "
-                       f"({ADAM_BYTES_PER_PARAM} B/param); compute 8*N*T FLOPs (forward, recompute, backward)",
+                       f"({ADAM_BYTES_PER_PARAM} B/param); compute 6*N*T FLOPs (forward, backward) "
+                       f"+ 2*N*T per recomputed block (N: active parameters)",
         "machine": {"device": machine.device, "name": machine.name, "host_available_bytes": machine.host_bytes,
                     "device_bytes": machine.device_bytes, "cores": machine.cores, "host_margin_bytes": margin,
                     "process_bytes": machine.process_bytes, "host_usable_bytes": max(0, usable)},
@@ -303,6 +332,12 @@ def format_plan(p: dict) -> str:
     lines.append(f"PCIe per step {_b(p['pcie_bytes_per_step']):>12}"
                  + ("   (no bus on the CPU device)" if m["device"] == "cpu" else
                     f"   (weights H2D {_b(p['pcie_breakdown']['weights_h2d'])}, grads D2H {_b(p['pcie_breakdown']['grads_d2h'])})"))
+    a = p["activations"]
+    b = a["blocks"]
+    lines.append(f"activations   budget {_b(a['budget_bytes'])}: blocks keep {b['keep']}, partial {b['partial']}, "
+                 f"recompute {b['recompute']} (kept {_b(a['kept_bytes'])}, {_b(a['unit_bytes'])} per block and "
+                 f"micro-batch); {a['flops_per_step'] / 1e12:.3g} TFLOP per step; "
+                 f"{_b(a['bytes_moved'])} moved per step")
     terms = ", ".join(f"{k[:-2]} {v:.3g} s" for k, v in p["step_time_terms_s"].items())
     lines.append(f"step time >= {p['step_time_lower_bound_s']:.3g} s ({terms})")
     lines.append(f"  assumed: {p['assumptions']}")

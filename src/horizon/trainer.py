@@ -59,6 +59,7 @@ class Trainer:
     def __init__(self, spec, *, optim=None, engine=None, device=_UNSET, compute_dtype=_UNSET, lr=_UNSET,
                  weight_decay=_UNSET, betas=_UNSET, eps=_UNSET, grad_clip=_UNSET, micro_batch_size=_UNSET,
                  track_grad_norm=_UNSET, n_slots=_UNSET, offload_checkpoints=_UNSET, offload_dir=_UNSET,
+                 activation_memory=_UNSET,
                  data_parallel=None, model_path=None, _init=None):
         """`optim` (OptimizerConfig) and `engine` (EngineConfig) give the options whole; the
         keyword arguments override single fields (defaults: those of the configs, the same as
@@ -79,7 +80,8 @@ class Trainer:
         self.optim_config, self.engine_config = _configs(optim, engine, dict(
             device=device, compute_dtype=compute_dtype, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
             grad_clip=grad_clip, micro_batch_size=micro_batch_size, track_grad_norm=track_grad_norm,
-            n_slots=n_slots, offload_checkpoints=offload_checkpoints, offload_dir=offload_dir))
+            n_slots=n_slots, offload_checkpoints=offload_checkpoints, offload_dir=offload_dir,
+            activation_memory=activation_memory))
         oc, ec = self.optim_config, self.engine_config
         self.device = resolve_device(ec.device)
         self.compute_dtype = resolve_dtype(ec.compute_dtype, self.device)
@@ -102,7 +104,8 @@ class Trainer:
         # Every step's gradients land in the slabs' buffers, so a step is updated all or nothing.
         with_grad, pin = True, self.device.type == "cuda"
         engine_kwargs = dict(grad_clip=self.grad_clip, track_grad_norm=ec.track_grad_norm, n_slots=ec.n_slots,
-                             offload_checkpoints=ec.offload_checkpoints)
+                             offload_checkpoints=ec.offload_checkpoints,
+                             activation_memory=ec.activation_budget())
         if self.data_parallel:
             # docs/distributed.md: each rank holds its shard of the optimizer state.
             from .engine.distributed import DataParallelEngine, ShardedHostModel
@@ -302,6 +305,10 @@ class Trainer:
             # Device -> host reads that wait for the device: one per step by design.
             "host_syncs": e.host_syncs,
             "landing_slots": e.landing.n_slots,
+            # The activation budget, last step: block micro-batches kept from the forward and
+            # recomputed, the kept bytes at their peak, the matmul FLOPs, activation bytes moved
+            # between device and host (offloaded checkpoints).
+            **e.activation_stats(),
             # Layer updates a step skipped for a non-finite gradient (the whole step's), plus any
             # the Rust workers skipped as they ran (wait for the queued updates first).
             "skipped_layer_updates": self._landed_skips() + self._skipped_layers,

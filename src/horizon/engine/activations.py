@@ -23,6 +23,7 @@ class ActivationStore:
         self._kept: dict = {}  # key -> list of tensors (device or host)
         self._incoming: dict = {}  # key -> (device tensors, ready event)
         self._stream = torch.cuda.Stream(device) if (self._cuda and offload) else None
+        self.bytes_moved = 0  # device <-> host copies of checkpoints (CUDA offload), both ways
 
     def put(self, key, tensors: list) -> None:
         if not self.offload:
@@ -39,6 +40,9 @@ class ActivationStore:
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(ready)
             for t in tensors:
+                if t is None:  # a kept block's micro-batch: its input lives in its graph
+                    hosts.append(None)
+                    continue
                 h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 h.copy_(t, non_blocking=True)
                 t.record_stream(self._stream)
@@ -46,6 +50,7 @@ class ActivationStore:
         done = torch.cuda.Event()
         done.record(self._stream)
         self._kept[key] = (hosts, done)
+        self.bytes_moved += tensor_bytes(hosts)
         self._host.hold(("ckpt", key), tensor_bytes(hosts))
 
     def prefetch(self, key) -> None:
@@ -54,17 +59,20 @@ class ActivationStore:
             return
         hosts, done = self._kept[key]
         alloc = torch.cuda.Event()
-        outs = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in hosts]
+        outs = [None if h is None else torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in hosts]
         alloc.record(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(alloc)
             self._stream.wait_event(done)
             for h, o in zip(hosts, outs):
+                if h is None:
+                    continue
                 o.copy_(h, non_blocking=True)
                 o.record_stream(self._stream)
         ready = torch.cuda.Event()
         ready.record(self._stream)
         self._incoming[key] = (outs, ready)
+        self.bytes_moved += tensor_bytes(outs)
         self._dev.hold(("ckpt-in", key), tensor_bytes(outs))
 
     def take(self, key) -> list:
@@ -92,3 +100,150 @@ class ActivationStore:
             self.release(key)
         self._kept.clear()
         self._incoming.clear()
+
+
+# ----------------------------------------------------------------------------- the activation budget
+class _SlotRef:
+    """A saved tensor that is a view of the layer's weight slot, packed as where it lies in the
+    slot (offset, shape, stride) instead of the tensor: the slot is reused by later layers, and
+    the backward re-binds the view to the slot its own stream of the layer lands in."""
+
+    __slots__ = ("offset", "size", "stride")
+
+    def __init__(self, offset: int, size, stride):
+        self.offset, self.size, self.stride = offset, size, stride
+
+
+class KeptUnit:
+    """One block's forward on one micro-batch run with autograd on, whose saved tensors are kept
+    for the backward (no recompute). Views of the forward's weight slot are packed as `_SlotRef`
+    and re-bound to the backward's slot (`rebind`); everything else is kept as is and counted
+    (`nbytes`, each storage once, without the storages the step holds anyway: `exclude`)."""
+
+    def __init__(self, slot: torch.Tensor, exclude=()):
+        self._slot_ptr = slot.untyped_storage().data_ptr()
+        self._slot_offset = slot.storage_offset()
+        self._seen = {int(p) for p in exclude}
+        self._seen.discard(self._slot_ptr)
+        self._bwd_slot = None
+        self.nbytes = 0
+        # The parameters' leaf: the slot's storage under a tensor of its own (its own version
+        # counter, so the stream's writes into the slot are not the saved views' concern).
+        self.flat = torch.empty(0, dtype=slot.dtype, device=slot.device).set_(
+            slot.untyped_storage(), slot.storage_offset(), slot.shape).requires_grad_()
+        self.x = self.y = self.extra = None
+
+    def _pack(self, t: torch.Tensor):
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        if ptr == self._slot_ptr:
+            return _SlotRef(t.storage_offset() - self._slot_offset, t.size(), t.stride())
+        if ptr not in self._seen:
+            self._seen.add(ptr)
+            self.nbytes += s.nbytes()
+        return t
+
+    def _unpack(self, p):
+        if isinstance(p, _SlotRef):
+            b = self._bwd_slot
+            if b is None:
+                raise RuntimeError("a kept block's saved weights were unpacked before its backward slot was bound")
+            return b.as_strided(p.size, p.stride, b.storage_offset() + p.offset)
+        return p
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def rebind(self, slot: torch.Tensor) -> None:
+        """The backward's slot of the same layer (the same weights, streamed again)."""
+        self._bwd_slot = slot.detach()
+
+
+class ActivationBudget:
+    """Which (block, micro-batch) forwards keep their saved tensors this step: greedily, in
+    forward order, while the kept bytes stay within the budget. A unit is tried when the room
+    left is at least the smallest unit measured so far (a unit that turns out larger than the
+    room is dropped at once, its output kept: it is recomputed like any other); the kept ones
+    are held in the device ledger until their backward."""
+
+    def __init__(self, ledger: MemoryLedger):
+        self._ledger = ledger
+        self._budget = 0
+        self._units: dict = {}
+        self._held = 0
+        self._smallest = None
+        self._largest = 0
+        # auto: room is left for the backward's live activations, this many times the largest unit
+        self.reserve_factor = 0
+        self.last = {}  # the last step's decisions: block key -> list of "keep" / "recompute"
+        self.last_kept_peak = 0
+
+    def begin_step(self, budget: int) -> None:
+        self._budget = max(0, int(budget))
+        self._units.clear()
+        self._held = 0
+        self.last = {}
+        self.last_kept_peak = 0
+
+    def _room(self) -> int:
+        return self._budget - self._held - self.reserve_factor * self._largest
+
+    def want(self) -> bool:
+        room = self._room()
+        return room > 0 and (self._smallest is None or room >= self._smallest)
+
+    def commit(self, key, j: int, unit: KeptUnit) -> bool:
+        """Keeps `unit` when it fits the room left; False (the caller drops it) otherwise."""
+        self._smallest = unit.nbytes if self._smallest is None else min(self._smallest, unit.nbytes)
+        self._largest = max(self._largest, unit.nbytes)
+        if unit.nbytes > self._room():
+            return False
+        self._units[(key, j)] = unit
+        self._held += unit.nbytes
+        self._ledger.hold(("kept", key, j), unit.nbytes)
+        self.last_kept_peak = max(self.last_kept_peak, self._held)
+        return True
+
+    def note(self, key, j: int, kept: bool) -> None:
+        self.last.setdefault(key, []).append("keep" if kept else "recompute")
+
+    def take(self, key, j: int) -> KeptUnit | None:
+        return self._units.pop((key, j), None)
+
+    def release(self, key, j: int, unit: KeptUnit) -> None:
+        self._held -= unit.nbytes
+        self._ledger.drop(("kept", key, j))
+
+    def clear(self) -> None:
+        for key, j in list(self._units):
+            self._ledger.drop(("kept", key, j))
+        self._units.clear()
+        self._held = 0
+
+
+def step_flops(active: dict, tied: bool, tokens: int, recomputed_tokens: dict) -> int:
+    """A step's matmul FLOPs by the parameter count: 2 per active parameter and token forward, 4
+    backward, 2 more per token of each block's recomputed forward (`recomputed_tokens`: block
+    key -> tokens). `active`: layer key -> active parameters, forward order (embedding first: a
+    lookup, counted only as a tied head). Attention's sequence-squared work is not counted."""
+    keys = list(active)
+    dense = sum(active[k] for k in keys[1:]) + (active[keys[0]] if tied else 0)
+    return int(6 * dense * tokens + sum(2 * active[k] * t for k, t in recomputed_tokens.items()))
+
+
+def tensor_storages(obj, out=None) -> set:
+    """The storage addresses of every tensor in `obj` (tensors, lists, tuples, dicts and the
+    hf path's prologue runs, whose `calls` hold what each layer is handed)."""
+    out = set() if out is None else out
+    if isinstance(obj, torch.Tensor):
+        out.add(obj.untyped_storage().data_ptr())
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            tensor_storages(v, out)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            tensor_storages(v, out)
+    elif hasattr(obj, "calls"):
+        for c in obj.calls:
+            tensor_storages((getattr(c, "args", ()), getattr(c, "kwargs", {})), out)
+    return out

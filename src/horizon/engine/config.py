@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import HorizonError
-from ..options import ConfigError, check_fields, option
+from ..options import ConfigError, check_fields, option, parse_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _DTYPE_ALIASES = {"fp32": "float32", "torch.float32": "float32", "bf16": "bfloat16", "torch.bfloat16": "bfloat16"}
@@ -42,6 +42,10 @@ class EngineConfig:
     offload_checkpoints: bool | None = option(None, "activation checkpoints in host memory (None: when they "
                                               "do not fit the device)", cli=False)
     track_grad_norm: bool = option(True, "compute the global gradient norm every step", cli=False)
+    activation_memory: str = option(
+        "auto", "bytes of block activations kept from the forward for the backward (those blocks run "
+        "forward once: no recompute): a count such as 8GiB, 0 to recompute every block, or auto: what "
+        "the device has left after the step's other needs, less a margin", metavar="BYTES|auto")
     offload_dir: str | None = option(None, "keep the fp32 master and Adam state in files under DIR, streamed "
                                      "each step (the disk tier; docs/engine.md)", metavar="DIR", path=True)
 
@@ -49,9 +53,19 @@ class EngineConfig:
         if isinstance(self.device, torch.device):
             self.device = str(self.device)
         self.compute_dtype = dtype_name(self.compute_dtype)
+        if isinstance(self.activation_memory, int) and not isinstance(self.activation_memory, bool):
+            self.activation_memory = str(self.activation_memory)
         check_fields(self)
+        self.activation_budget()  # the rule of its value
         if not _DEVICE.match(self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}", "device")
+
+
+    def activation_budget(self) -> int | None:
+        """`activation_memory` in bytes; None for auto."""
+        if self.activation_memory.strip().lower() == "auto":
+            return None
+        return parse_bytes("activation_memory", self.activation_memory)
 
 
 def check_micro_batch(micro_batch_size: int | None, batch_size: int) -> int:

@@ -8,6 +8,8 @@ storage sizes), not from a formula, so the depth test means the same on both."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -59,3 +61,44 @@ class SavedActivations:
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+
+def host_memory() -> tuple[int, int]:
+    """(available, total) bytes of host memory for this process: MemAvailable and MemTotal,
+    bounded by a cgroup memory limit when there is one."""
+    avail = total = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                elif line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError):
+            avail = 0
+    if total is None:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            total = avail
+    for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = open(p).read().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < (1 << 60):
+            used = 0
+            for q in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
+                try:
+                    used = int(open(q).read().strip())
+                    break
+                except (OSError, ValueError):
+                    continue
+            avail = min(avail, max(0, int(raw) - used))
+            total = min(total, int(raw))
+    return avail, total

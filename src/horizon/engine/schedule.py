@@ -27,9 +27,9 @@ import torch
 from .. import _native, kernels
 from ..errors import HorizonError
 from ..kernels.rope import RotaryEmbedding
-from ..models import micro_batch_inputs, shift_labels
-from .activations import ActivationStore
-from .ledger import MemoryLedger, SavedActivations, tensor_bytes
+from ..models import layer_active_parameters, micro_batch_inputs, shift_labels
+from .activations import ActivationBudget, ActivationStore, KeptUnit, step_flops, tensor_storages
+from .ledger import MemoryLedger, SavedActivations, host_memory, tensor_bytes
 from .pipeline import GradientLanding, WeightStream
 from .state import HostLayer, HostModel
 
@@ -115,9 +115,13 @@ class LayerMajorEngine:
         landing_slots: int | None = None,
         offload_checkpoints: bool | None = None,
         loss_chunk_size: int | None = None,
+        activation_memory: int | None = 0,
     ):
         if n_slots < 2:
             raise HorizonError(f"n_slots must be >= 2 (one layer computes while the next streams in), got {n_slots}")
+        if activation_memory is not None and (isinstance(activation_memory, bool)
+                                              or not isinstance(activation_memory, int) or activation_memory < 0):
+            raise HorizonError(f"activation_memory must be None (auto) or bytes >= 0, got {activation_memory!r}")
         if landing_slots is not None and (isinstance(landing_slots, bool) or not isinstance(landing_slots, int)
                                           or landing_slots < 1):
             raise HorizonError(f"landing_slots must be None (auto) or an int >= 1, got {landing_slots!r}")
@@ -180,6 +184,12 @@ class LayerMajorEngine:
         # stateful for the dynamic / longrope types; the hf path runs the model's own rotary
         self.rotary = RotaryEmbedding(self.spec.rope) if hasattr(self.spec, "rope") else None
         self._rope_cache: dict = {}
+        # The activation budget (docs/engine.md "Keeping activations"): None = auto.
+        self.activation_memory = activation_memory
+        self.activations = ActivationBudget(self.device_ledger)
+        self._auto_budget_by_tokens: dict = {}
+        self._active = layer_active_parameters(self.spec)
+        self.flops_last_step = 0
 
     # ------------------------------------------------------------------ helpers
     def weight_source(self, layer: HostLayer) -> torch.Tensor:
@@ -227,6 +237,49 @@ class LayerMajorEngine:
             free, _total = torch.cuda.mem_get_info(self.device)
             hit = self._offload_by_tokens[tokens] = need > free // 4
         return hit
+
+    def _activation_budget(self, tokens: int, n_blocks: int) -> int:
+        """The bytes of saved activations this step may keep: the option's, or for auto what
+        the device has left (on the CPU device: the host's available memory) after what the step
+        needs besides (the other blocks' checkpoints on the device, the backward's live
+        activations: twice the largest kept block) and a margin of max(1 GiB, 10%) of the
+        device; decided once per batch size, like the checkpoints' placement."""
+        if self.activation_memory is not None:
+            return self.activation_memory
+        hit = self._auto_budget_by_tokens.get(tokens)
+        if hit is None:
+            if self._cuda:
+                free, total = torch.cuda.mem_get_info(self.device)
+                free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+                elem = torch.empty((), dtype=self.dtype).element_size()
+                if not self._offload(tokens):
+                    free -= n_blocks * tokens * self.spec.hidden_size * elem
+            else:
+                free, total = host_memory()
+            hit = self._auto_budget_by_tokens[tokens] = max(0, free - max(1 << 30, total // 10))
+        self.activations.reserve_factor = 2 if self.activation_memory is None else 0
+        return hit
+
+    def _count_flops(self, n_tokens: int, n_mb: int) -> None:
+        per_mb = n_tokens / max(1, n_mb)
+        recomputed = {key: per_mb * units.count("recompute") for key, units in self.activations.last.items()}
+        self.flops_last_step = step_flops(self._active, self.spec.tie_word_embeddings, n_tokens, recomputed)
+
+    def activation_stats(self) -> dict:
+        """The last step's activation plan as it ran: per block, "keep" (every micro-batch's
+        forward kept its saved tensors), "recompute" (none did) or "partial"; the kept bytes at
+        their peak; the matmul FLOPs; the activation bytes moved between device and host."""
+        blocks = {}
+        for key, units in self.activations.last.items():
+            kept = units.count("keep")
+            blocks[key] = "keep" if kept == len(units) else ("recompute" if kept == 0 else "partial")
+        return {
+            "activation_memory": "auto" if self.activation_memory is None else self.activation_memory,
+            "activation_blocks": blocks,
+            "activation_kept_bytes": self.activations.last_kept_peak,
+            "activation_bytes_moved": sum(store.bytes_moved for store in self._ckpt_stores.values()),
+            "flops_per_step": self.flops_last_step,
+        }
 
     def _hold_list(self, name, tensors) -> None:
         self.device_ledger.hold(name, tensor_bytes(tensors))
@@ -291,6 +344,7 @@ class LayerMajorEngine:
         items += [(("bwd", b.key), b) for b in reversed(blocks)]
         self.landing.begin_step()
         streamer = _Streamer(self, items)
+        budget = self.activations
         self.layer_landings = {}
         self._ring_turn = 0
         self._finite = []  # one 0-dim device flag per landed layer: its gradient holds no NaN/Inf
@@ -312,21 +366,37 @@ class LayerMajorEngine:
                     self.device_ledger.hold("block-context", sum(r.nbytes for r in prologue_runs))
                 streamer.release(("fwd", embed.key))
                 self._hold_list("hidden", hidden)
+                budget.begin_step(self._activation_budget(n_rows * seq, len(blocks)))
+                context = [tensor_storages(a) for a in block_args]
                 for b in blocks:
                     key = ("fwd", b.key)
                     slot = streamer.acquire(key)
                     views = b.layout.views(slot)
-                    out = []
+                    out, inputs = [], []
                     moe_aux = aux_coef and b.defn.template.kind == "moe"
-                    for x, (a, kw) in zip(hidden, block_args):
+                    for j, (x, (a, kw)) in enumerate(zip(hidden, block_args)):
                         stats = [] if moe_aux else None
-                        y = b.defn.template.forward(views, x, *a, router_stats=stats, **kw)
+                        unit = KeptUnit(slot, context[j]) if budget.want() else None
+                        if unit is None:
+                            y = b.defn.template.forward(views, x, *a, router_stats=stats, **kw)
+                        else:
+                            # Autograd on, the saved tensors kept for this block's backward.
+                            unit.x = x.detach().requires_grad_()
+                            with torch.enable_grad(), unit.hooks():
+                                y = b.defn.template.forward(b.layout.views(unit.flat), unit.x, *a,
+                                                            router_stats=stats, **kw)
+                            unit.y, unit.extra = y, (stats[0][0] if stats else None)
+                            if not budget.commit(b.key, j, unit):
+                                unit = None  # larger than the room left: recomputed like the rest
+                            y = y.detach()
+                        budget.note(b.key, j, unit is not None)
                         if stats:
-                            route_probs += stats[0][0]
+                            route_probs += stats[0][0].detach()
                             route_counts += stats[0][1]
                         out.append(y)
+                        inputs.append(x if unit is None else None)
                     streamer.release(key)
-                    ckpts.put(b.key, hidden)
+                    ckpts.put(b.key, inputs)
                     self.device_ledger.drop("hidden")
                     hidden = out
                     self._hold_list("hidden", hidden)
@@ -402,18 +472,32 @@ class LayerMajorEngine:
                 new_grads = []
                 moe_aux = aux_coef and b.defn.template.kind == "moe"
                 for j, (x, gy, (a, kw)) in enumerate(zip(xs, grads_out, block_args)):
-                    x = x.detach().requires_grad_()
-                    saved = SavedActivations([slot.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()])
-                    stats = [] if moe_aux else None
-                    with torch.enable_grad(), saved.hooks():
-                        y = b.defn.template.forward(views, x, *a, router_stats=stats, **kw)
-                        outs, grads = (y,), (gy,)
-                        if stats:
-                            outs += (aux_scale * (stats[0][0] * route_counts).sum(),)
+                    unit = budget.take(b.key, j)
+                    if unit is not None:  # kept from the forward: no recompute
+                        unit.rebind(slot)
+                        outs, grads = (unit.y,), (gy,)
+                        if unit.extra is not None:
+                            with torch.enable_grad():
+                                outs += (aux_scale * (unit.extra * route_counts).sum(),)
                             grads += (None,)
-                    self.device_ledger.transient(saved.nbytes + tensor_bytes(y) + tensor_bytes(new_grads))
-                    gx, gflat = torch.autograd.grad(outs, (x, flat), grads)
-                    del y, outs
+                        self.device_ledger.transient(tensor_bytes(new_grads))
+                        gx, gflat = torch.autograd.grad(outs, (unit.x, unit.flat), grads)
+                        budget.release(b.key, j, unit)
+                        del unit, outs
+                    else:
+                        x = x.detach().requires_grad_()
+                        saved = SavedActivations([slot.untyped_storage().data_ptr(),
+                                                  x.untyped_storage().data_ptr()])
+                        stats = [] if moe_aux else None
+                        with torch.enable_grad(), saved.hooks():
+                            y = b.defn.template.forward(views, x, *a, router_stats=stats, **kw)
+                            outs, grads = (y,), (gy,)
+                            if stats:
+                                outs += (aux_scale * (stats[0][0] * route_counts).sum(),)
+                                grads += (None,)
+                        self.device_ledger.transient(saved.nbytes + tensor_bytes(y) + tensor_bytes(new_grads))
+                        gx, gflat = torch.autograd.grad(outs, (x, flat), grads)
+                        del y, outs
                     _accumulate(acc, gflat, first=j == 0)
                     new_grads.append(gx)
                     del gflat
@@ -445,6 +529,7 @@ class LayerMajorEngine:
             self._bwd_mark(1, landings=len(layers))
             del eacc, tied_acc
 
+            self._count_flops(n_rows * seq, len(ids_all))
             # ---- the step's verdict, in the one host read of the step: the loss, whether every
             # landed gradient is finite, the global norm; then the updates of every layer or of none
             finite_t = torch.stack([f.to(self.device) for f in self._finite]).all().double() if self._finite else None
@@ -471,6 +556,7 @@ class LayerMajorEngine:
             streamer.abandon()
             self.landing.wait_all()
             ckpts.clear()
+            budget.clear()
             self._drop_step_holdings()
             raise
 

@@ -23,6 +23,13 @@ def resolve(config: dict, model_path: str = "auto"):
     return _resolve(config, model_path)
 
 
+def layer_active_parameters(spec) -> dict:
+    """Parameters a token uses per streamed layer of `spec` (MoE: only its top-k experts)."""
+    from .hf.select import layer_active_parameters as _active
+
+    return _active(spec)
+
+
 def summarize(config, model_path: str = "auto"):
     """`resolve` (of a config.json dict) plus parameter counts (total,
     active per token, per streamed layer) for `horizon plan` and `horizon train`."""

@@ -169,7 +169,7 @@ def open_session(c: TrainConfig, *, log, err, rank: int, world: int) -> Session:
         p = planmod.make_plan(src.spec, batch_size=c.data.batch_size, seq_len=c.data.seq_len,
                               micro_batch_size=c.engine.micro_batch_size, grad_clip=c.optim.grad_clip is not None,
                               machine=machine, compute_dtype=c.engine.compute_dtype,
-                              offload_dir=c.engine.offload_dir)
+                              offload_dir=c.engine.offload_dir, activation_memory=c.engine.activation_memory)
         if not p["fits"]:
             err.write(planmod.format_plan(p) + "\n")
             raise HorizonError(f"this run does not fit this machine ({src.name}); see the plan above")

@@ -116,16 +116,10 @@ def summarize(config, model_path: str = "auto") -> ModelSummary:
     defs = layer_defs(spec)
     sizes = {d.key: sum(math.prod(s) for s in d.shapes.values()) for d in defs}
     total = sum(sizes.values())
-    active = total
+    active = sum(layer_active_parameters(spec, defs).values())
     frozen = 0
     path = model_path_of(spec)
-    if path == "native":
-        if spec.is_moe:
-            e, k = spec.num_experts, spec.num_experts_per_tok
-            per_expert = 3 * spec.hidden_size * spec.moe_intermediate_size
-            active = total - len(spec.moe_layers) * (e - k) * per_expert
-    else:
-        active = total - _inactive_expert_parameters(spec, defs)
+    if path != "native":
         for d in defs:
             frozen += sum(c.numel() for c in getattr(d.template, "constants", {}).values())
     return ModelSummary(path=path, spec=spec, architecture=spec.architecture, num_layers=spec.num_layers,
@@ -134,24 +128,41 @@ def summarize(config, model_path: str = "auto") -> ModelSummary:
                         frozen_parameters=frozen)
 
 
-def _inactive_expert_parameters(spec, defs) -> int:
-    """Routed-expert parameters a token does not use: tensors under an `experts` module whose
-    leading dimension is the number of experts (or one module per expert), scaled by 1 - k/E."""
+def layer_active_parameters(spec, defs=None) -> dict:
+    """Parameters a token uses per streamed layer (key -> count, forward order): all of them,
+    less the routed experts it is not sent to (MoE: 1 - k/E of each routed expert tensor)."""
+    from ..layers import layer_defs
+
+    defs = layer_defs(spec) if defs is None else defs
+    out = {}
+    native = model_path_of(spec) == "native"
+    for d in defs:
+        n = sum(math.prod(shape) for shape in d.shapes.values())
+        if native:
+            if spec.is_moe and d.index is not None and d.index in spec.moe_layers:
+                n -= (spec.num_experts - spec.num_experts_per_tok) * 3 * spec.hidden_size * spec.moe_intermediate_size
+        else:
+            n -= _inactive_expert_parameters(spec, d)
+        out[d.key] = n
+    return out
+
+
+def _inactive_expert_parameters(spec, d) -> int:
+    """Routed-expert parameters of layer `d` a token does not use: tensors under an `experts`
+    module whose leading dimension is the number of experts (or one module per expert), scaled
+    by 1 - k/E."""
     e, k = spec.num_experts, spec.num_experts_per_tok
-    if not e or not k or k >= e:
+    if not e or not k or k >= e or d.index is None:
         return 0
     inactive = 0
-    for d in defs:
-        if d.index is None:
+    for name, shape in d.shapes.items():
+        parts = name.split(".")
+        if "experts" not in parts or "shared_experts" in parts:
             continue
-        for name, shape in d.shapes.items():
-            parts = name.split(".")
-            if "experts" not in parts or "shared_experts" in parts:
-                continue
-            after = parts[parts.index("experts") + 1]
-            n = math.prod(shape)
-            if after.isdigit():  # one module per expert
-                inactive += n * (e - k) // e
-            elif shape and shape[0] == e:
-                inactive += n * (e - k) // e
+        after = parts[parts.index("experts") + 1]
+        n = math.prod(shape)
+        if after.isdigit():  # one module per expert
+            inactive += n * (e - k) // e
+        elif shape and shape[0] == e:
+            inactive += n * (e - k) // e
     return inactive
