@@ -176,3 +176,39 @@ def test_plan_command_reports_the_activation_plan(capsys):
     out = capsys.readouterr().out
     assert "recompute 4" in out and "TFLOP per step" in out
     # (a bad value: tests/test_cli.py, one line and exit 2)
+
+
+def test_offload_placement_mechanism_is_exact_on_the_cpu(monkeypatch):
+    # Placement "offload" is for CUDA (page-locked host copies streamed back ahead of the block's
+    # backward, chosen by a measured cost model). Its mechanism (saved tensors copied out as they
+    # are saved, the weight views re-bound, the copies brought back one block ahead) runs on the
+    # CPU device with plain clones when forced, and must change no bit against the recompute.
+    ids = [torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    results = {}
+    for mode in ("recompute", "offload", "mixed"):
+        trainer = horizon.Trainer.from_config(_tiny(layers=3), device="cpu", micro_batch_size=2, grad_clip=0.5,
+                                              activation_memory=0 if mode != "mixed" else 150_000)
+        e = trainer.engine
+        if mode != "recompute":
+            monkeypatch.setattr(e.activations, "cheaper", lambda key, nbytes: True)
+            monkeypatch.setattr(e, "_host_activation_budget", lambda tokens: 1 << 40)
+        losses = [trainer.train_step(x) for x in ids]
+        st = trainer.stats
+        placed = set(st["activation_blocks"].values())
+        if mode == "recompute":
+            assert placed == {"recompute"} and st["activation_bytes_moved"] == 0
+        elif mode == "offload":
+            assert placed == {"offload"}
+            # out and back, every step
+            assert st["activation_bytes_moved"] > 0 and st["activation_bytes_moved"] % 2 == 0
+            assert st["flops_per_step"] < results["recompute"][2]
+        else:
+            assert "keep" in e.activations.last[next(iter(e.activations.last))]
+            assert "offload" in sum(e.activations.last.values(), [])
+        results[mode] = (losses, torch.cat([layer.slab.master.clone() for layer in trainer.model.layers]),
+                         st["flops_per_step"])
+        assert not any(isinstance(k, tuple) and k[0] in ("kept", "kept-in", "kept-host")
+                       for k in list(e.device_ledger._held) + list(e.host_ledger._held))
+    for mode in ("offload", "mixed"):
+        assert results[mode][0] == results["recompute"][0]
+        assert torch.equal(results[mode][1], results["recompute"][1])

@@ -114,13 +114,27 @@ class _SlotRef:
         self.offset, self.size, self.stride = offset, size, stride
 
 
+class _HostRef:
+    """A saved tensor copied to host memory (placement "offload"): its index in the unit's list."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
 class KeptUnit:
     """One block's forward on one micro-batch run with autograd on, whose saved tensors are kept
     for the backward (no recompute). Views of the forward's weight slot are packed as `_SlotRef`
     and re-bound to the backward's slot (`rebind`); everything else is kept as is and counted
-    (`nbytes`, each storage once, without the storages the step holds anyway: `exclude`)."""
+    (`nbytes`, each storage once, without the storages the step holds anyway: `exclude`).
 
-    def __init__(self, slot: torch.Tensor, exclude=()):
+    With `host` (placement "offload", CUDA): each other saved tensor is copied to page-locked
+    host memory on `host.stream` as it is saved (the device copy is then free), and brought back
+    by `prefetch` ahead of the block's backward; `nbytes` counts the host copies. On the CPU
+    device the copies are plain clones (the mechanism, for its tests)."""
+
+    def __init__(self, slot: torch.Tensor, exclude=(), host: "HostPlacement | None" = None):
         self._slot_ptr = slot.untyped_storage().data_ptr()
         self._slot_offset = slot.storage_offset()
         self._seen = {int(p) for p in exclude}
@@ -132,12 +146,31 @@ class KeptUnit:
         self.flat = torch.empty(0, dtype=slot.dtype, device=slot.device).set_(
             slot.untyped_storage(), slot.storage_offset(), slot.shape).requires_grad_()
         self.x = self.y = self.extra = None
+        self.host = host
+        self._host_copies: list = []
+        self._host_index: dict = {}
+        self._alive: list = []
+        self._back: list | None = None
+        self._back_ready = None
 
     def _pack(self, t: torch.Tensor):
         s = t.untyped_storage()
         ptr = s.data_ptr()
         if ptr == self._slot_ptr:
             return _SlotRef(t.storage_offset() - self._slot_offset, t.size(), t.stride())
+        if self.host is not None and ptr not in self._seen:  # (the step's shared inputs stay)
+            # One copy per distinct tensor saved more than once; its storage is held until the
+            # forward ends (`end_forward`), so an address cannot be reused by another tensor
+            # within the unit and mistaken for it.
+            key = (ptr, t.storage_offset(), tuple(t.size()), tuple(t.stride()), t.dtype)
+            index = self._host_index.get(key)
+            if index is None:
+                index = self._host_index[key] = len(self._host_copies)
+                h = self.host.to_host(t)
+                self._host_copies.append(h)
+                self._alive.append(s)
+                self.nbytes += h.numel() * h.element_size()
+            return _HostRef(index)
         if ptr not in self._seen:
             self._seen.add(ptr)
             self.nbytes += s.nbytes()
@@ -149,14 +182,77 @@ class KeptUnit:
             if b is None:
                 raise RuntimeError("a kept block's saved weights were unpacked before its backward slot was bound")
             return b.as_strided(p.size, p.stride, b.storage_offset() + p.offset)
+        if isinstance(p, _HostRef):
+            return self._back[p.index]
         return p
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
+    def end_forward(self) -> None:
+        """The unit's forward is done: its device tensors may go (only their host copies stay)."""
+        self._alive.clear()
+        self._host_index.clear()
+
+    def prefetch(self) -> int:
+        """Placement "offload": starts bringing the host copies back (once); the bytes."""
+        if self.host is None or self._back is not None:
+            return 0
+        self._back, self._back_ready = self.host.to_device(self._host_copies)
+        return self.nbytes
+
     def rebind(self, slot: torch.Tensor) -> None:
-        """The backward's slot of the same layer (the same weights, streamed again)."""
+        """The backward's slot of the same layer (the same weights, streamed again); an
+        offloaded unit's copies are waited for here."""
         self._bwd_slot = slot.detach()
+        if self.host is not None:
+            self.prefetch()
+            self.host.wait(self._back_ready)
+
+
+class HostPlacement:
+    """Copies of kept activations to host memory and back (placement "offload"): on CUDA into
+    page-locked memory on a side stream ordered by events (as the checkpoints' ActivationStore);
+    on the CPU device plain clones. Counts the bytes moved."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self._cuda else None
+        self.bytes_moved = 0
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        self.bytes_moved += t.numel() * t.element_size()
+        if not self._cuda:
+            return t.detach().clone()
+        produced = torch.cuda.Event()
+        produced.record(torch.cuda.current_stream(self.device))
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(produced)
+            h.copy_(t.detach(), non_blocking=True)
+            t.record_stream(self.stream)
+        return h
+
+    def to_device(self, hosts: list):
+        self.bytes_moved += sum(h.numel() * h.element_size() for h in hosts)
+        if not self._cuda:
+            return list(hosts), None
+        alloc = torch.cuda.Event()
+        outs = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in hosts]
+        alloc.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(alloc)
+            for h, o in zip(hosts, outs):
+                o.copy_(h, non_blocking=True)
+                o.record_stream(self.stream)
+        ready = torch.cuda.Event()
+        ready.record(self.stream)
+        return outs, ready
+
+    def wait(self, ready) -> None:
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
 
 
 class ActivationBudget:
@@ -166,9 +262,15 @@ class ActivationBudget:
     room is dropped at once, its output kept: it is recomputed like any other); the kept ones
     are held in the device ledger until their backward."""
 
-    def __init__(self, ledger: MemoryLedger):
+    def __init__(self, ledger: MemoryLedger, host_ledger: MemoryLedger | None = None):
         self._ledger = ledger
+        self._host_ledger = host_ledger
         self._budget = 0
+        # Placement "offload" (CUDA): units beyond the device budget whose copies to host memory
+        # and back cost less than their recompute (`cheaper(key, nbytes)`), within `host_budget`.
+        self.host_budget = 0
+        self._host_held = 0
+        self.cheaper = None
         self._units: dict = {}
         self._held = 0
         self._smallest = None
@@ -178,10 +280,12 @@ class ActivationBudget:
         self.last = {}  # the last step's decisions: block key -> list of "keep" / "recompute"
         self.last_kept_peak = 0
 
-    def begin_step(self, budget: int) -> None:
+    def begin_step(self, budget: int, host_budget: int = 0) -> None:
         self._budget = max(0, int(budget))
+        self.host_budget = max(0, int(host_budget))
         self._units.clear()
         self._held = 0
+        self._host_held = 0
         self.last = {}
         self.last_kept_peak = 0
 
@@ -204,21 +308,56 @@ class ActivationBudget:
         self.last_kept_peak = max(self.last_kept_peak, self._held)
         return True
 
-    def note(self, key, j: int, kept: bool) -> None:
-        self.last.setdefault(key, []).append("keep" if kept else "recompute")
+    def want_host(self, key) -> bool:
+        """Whether the next unit of block `key` should be tried in host memory (placement
+        "offload"): the device budget is spent, host room is left, and by the size of the
+        smallest unit seen (none yet: try one) the copies cost less than the recompute."""
+        room = self.host_budget - self._host_held
+        if self.cheaper is None or room <= 0:
+            return False
+        if self._smallest is not None and room < self._smallest:
+            return False
+        return self._smallest is None or self.cheaper(key, self._smallest)
+
+    def commit_host(self, key, j: int, unit: KeptUnit) -> bool:
+        self._smallest = unit.nbytes if self._smallest is None else min(self._smallest, unit.nbytes)
+        if self._host_held + unit.nbytes > self.host_budget or not self.cheaper(key, unit.nbytes):
+            return False
+        self._units[(key, j)] = unit
+        self._host_held += unit.nbytes
+        if self._host_ledger is not None:
+            self._host_ledger.hold(("kept-host", key, j), unit.nbytes)
+        return True
+
+    def note(self, key, j: int, unit: KeptUnit | None) -> None:
+        what = "recompute" if unit is None else ("offload" if unit.host is not None else "keep")
+        self.last.setdefault(key, []).append(what)
 
     def take(self, key, j: int) -> KeptUnit | None:
         return self._units.pop((key, j), None)
 
+    def prefetch(self, key, n_micro_batches: int) -> None:
+        """Starts bringing block `key`'s offloaded units back (one block ahead of its backward)."""
+        for j in range(n_micro_batches):
+            unit = self._units.get((key, j))
+            if unit is not None and unit.host is not None and unit.prefetch():
+                self._ledger.hold(("kept-in", key, j), unit.nbytes)
+
     def release(self, key, j: int, unit: KeptUnit) -> None:
-        self._held -= unit.nbytes
-        self._ledger.drop(("kept", key, j))
+        if unit.host is not None:
+            self._host_held -= unit.nbytes
+            self._ledger.drop(("kept-in", key, j))
+            if self._host_ledger is not None:
+                self._host_ledger.drop(("kept-host", key, j))
+        else:
+            self._held -= unit.nbytes
+            self._ledger.drop(("kept", key, j))
 
     def clear(self) -> None:
-        for key, j in list(self._units):
-            self._ledger.drop(("kept", key, j))
+        for (key, j), unit in list(self._units.items()):
+            self.release(key, j, unit)
         self._units.clear()
-        self._held = 0
+        self._held = self._host_held = 0
 
 
 def step_flops(active: dict, tied: bool, tokens: int, recomputed_tokens: dict) -> int:

@@ -28,7 +28,7 @@ from .. import _native, kernels
 from ..errors import HorizonError
 from ..kernels.rope import RotaryEmbedding
 from ..models import layer_active_parameters, micro_batch_inputs, shift_labels
-from .activations import ActivationBudget, ActivationStore, KeptUnit, step_flops, tensor_storages
+from .activations import ActivationBudget, ActivationStore, HostPlacement, KeptUnit, step_flops, tensor_storages
 from .ledger import MemoryLedger, SavedActivations, host_memory, tensor_bytes
 from .pipeline import GradientLanding, WeightStream
 from .state import HostLayer, HostModel
@@ -186,7 +186,15 @@ class LayerMajorEngine:
         self._rope_cache: dict = {}
         # The activation budget (docs/engine.md "Keeping activations"): None = auto.
         self.activation_memory = activation_memory
-        self.activations = ActivationBudget(self.device_ledger)
+        self.activations = ActivationBudget(self.device_ledger, self.host_ledger)
+        # Placement "offload" (CUDA): kept units in page-locked host memory when the copies cost
+        # less than the recompute, by rates measured once on this device (`_device_rates`).
+        self._placement = HostPlacement(device)
+        self._rates = None
+        self._unit_tokens = 0
+        self._host_budget_by_tokens: dict = {}
+        if self._cuda:
+            self.activations.cheaper = self._offload_cheaper
         self._auto_budget_by_tokens: dict = {}
         self._active = layer_active_parameters(self.spec)
         self.flops_last_step = 0
@@ -260,6 +268,46 @@ class LayerMajorEngine:
         self.activations.reserve_factor = 2 if self.activation_memory is None else 0
         return hit
 
+    def _host_activation_budget(self, tokens: int) -> int:
+        """Host bytes for offloaded activations (CUDA only; on the CPU device kept units already
+        live in host memory): with auto, what the host has available less max(1 GiB, 10%);
+        with a fixed budget, none (the count is the whole budget)."""
+        if not self._cuda or self.activation_memory is not None:
+            return 0
+        hit = self._host_budget_by_tokens.get(tokens)
+        if hit is None:
+            free, total = host_memory()
+            hit = self._host_budget_by_tokens[tokens] = max(0, free - max(1 << 30, total // 10))
+        return hit
+
+    def _device_rates(self) -> tuple:
+        """(H2D bytes/s from page-locked memory, matmul FLOP/s in the compute dtype) of this
+        device, measured once (a 64 MiB copy and a 4096^2 matmul, best of three each)."""
+        if self._rates is None:
+            n = 64 << 20
+            src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            dst = torch.empty(n, dtype=torch.uint8, device=self.device)
+            a = torch.randn(4096, 4096, dtype=self.dtype, device=self.device)
+            best_copy = best_mm = math.inf
+            for _ in range(3):
+                e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+                e[0].record()
+                dst.copy_(src, non_blocking=True)
+                e[1].record()
+                torch.mm(a, a)
+                e[2].record()
+                e[2].synchronize()
+                best_copy = min(best_copy, e[0].elapsed_time(e[1]) * 1e-3)
+                best_mm = min(best_mm, e[1].elapsed_time(e[2]) * 1e-3)
+            self._rates = (n / best_copy, 2 * 4096 ** 3 / best_mm)
+        return self._rates
+
+    def _offload_cheaper(self, key, nbytes: int) -> bool:
+        """The cost model of placement "offload": bringing a unit's `nbytes` back to the device
+        takes less than recomputing its forward (2 FLOPs per active parameter and token)."""
+        h2d, flops = self._device_rates()
+        return nbytes / h2d < 2 * self._active[key] * self._unit_tokens / flops
+
     def _count_flops(self, n_tokens: int, n_mb: int) -> None:
         per_mb = n_tokens / max(1, n_mb)
         recomputed = {key: per_mb * units.count("recompute") for key, units in self.activations.last.items()}
@@ -267,17 +315,18 @@ class LayerMajorEngine:
 
     def activation_stats(self) -> dict:
         """The last step's activation plan as it ran: per block, "keep" (every micro-batch's
-        forward kept its saved tensors), "recompute" (none did) or "partial"; the kept bytes at
-        their peak; the matmul FLOPs; the activation bytes moved between device and host."""
-        blocks = {}
-        for key, units in self.activations.last.items():
-            kept = units.count("keep")
-            blocks[key] = "keep" if kept == len(units) else ("recompute" if kept == 0 else "partial")
+        forward kept its saved tensors on the device), "offload" (kept in host memory),
+        "recompute" (none kept) or "partial" (a mix); the device-kept bytes at their peak; the
+        matmul FLOPs; the activation bytes moved between device and host so far (offloaded
+        checkpoints and units)."""
+        blocks = {key: units[0] if len(set(units)) == 1 else "partial"
+                  for key, units in self.activations.last.items()}
         return {
             "activation_memory": "auto" if self.activation_memory is None else self.activation_memory,
             "activation_blocks": blocks,
             "activation_kept_bytes": self.activations.last_kept_peak,
-            "activation_bytes_moved": sum(store.bytes_moved for store in self._ckpt_stores.values()),
+            "activation_bytes_moved": (sum(store.bytes_moved for store in self._ckpt_stores.values())
+                                       + self._placement.bytes_moved),
             "flops_per_step": self.flops_last_step,
         }
 
@@ -366,7 +415,9 @@ class LayerMajorEngine:
                     self.device_ledger.hold("block-context", sum(r.nbytes for r in prologue_runs))
                 streamer.release(("fwd", embed.key))
                 self._hold_list("hidden", hidden)
-                budget.begin_step(self._activation_budget(n_rows * seq, len(blocks)))
+                self._unit_tokens = micro_batch_size * seq
+                budget.begin_step(self._activation_budget(n_rows * seq, len(blocks)),
+                                  self._host_activation_budget(n_rows * seq))
                 context = [tensor_storages(a) for a in block_args]
                 for b in blocks:
                     key = ("fwd", b.key)
@@ -376,7 +427,12 @@ class LayerMajorEngine:
                     moe_aux = aux_coef and b.defn.template.kind == "moe"
                     for j, (x, (a, kw)) in enumerate(zip(hidden, block_args)):
                         stats = [] if moe_aux else None
-                        unit = KeptUnit(slot, context[j]) if budget.want() else None
+                        if budget.want():
+                            unit = KeptUnit(slot, context[j])
+                        elif budget.want_host(b.key):
+                            unit = KeptUnit(slot, context[j], host=self._placement)
+                        else:
+                            unit = None
                         if unit is None:
                             y = b.defn.template.forward(views, x, *a, router_stats=stats, **kw)
                         else:
@@ -385,11 +441,13 @@ class LayerMajorEngine:
                             with torch.enable_grad(), unit.hooks():
                                 y = b.defn.template.forward(b.layout.views(unit.flat), unit.x, *a,
                                                             router_stats=stats, **kw)
+                            unit.end_forward()
                             unit.y, unit.extra = y, (stats[0][0] if stats else None)
-                            if not budget.commit(b.key, j, unit):
+                            keep = budget.commit if unit.host is None else budget.commit_host
+                            if not keep(b.key, j, unit):
                                 unit = None  # larger than the room left: recomputed like the rest
                             y = y.detach()
-                        budget.note(b.key, j, unit is not None)
+                        budget.note(b.key, j, unit)
                         if stats:
                             route_probs += stats[0][0].detach()
                             route_counts += stats[0][1]
@@ -462,8 +520,10 @@ class LayerMajorEngine:
             for i in range(len(blocks) - 1, -1, -1):
                 b = blocks[i]
                 key = ("bwd", b.key)
+                budget.prefetch(b.key, n_mb)
                 if i > 0:
                     ckpts.prefetch(blocks[i - 1].key)
+                    budget.prefetch(blocks[i - 1].key, n_mb)
                 xs = ckpts.take(b.key)
                 slot = streamer.acquire(key)
                 flat = slot.detach().requires_grad_()
