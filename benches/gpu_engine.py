@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_rows import Rows  # noqa: E402
 
-BYTES_PER_PARAM = 14  # fp32 master + Adam m, v + bf16 copy (no clipping): docs/engine.md
+BYTES_PER_PARAM = 18  # fp32 master + Adam m, v + bf16 copy + fp32 gradient buffer: docs/engine.md
 
 
 def llama_config(layers, hidden=3072, heads=24, kv_heads=8, intermediate=8192, vocab=32000):
@@ -74,11 +74,12 @@ def batch(rows, seq, vocab, seed):
     return torch.randint(0, vocab, (rows, seq), generator=g)
 
 
-def time_horizon(cfg, rows, seq, mbs, steps):
+def time_horizon(cfg, rows, seq, mbs, steps, activation_memory="auto"):
     import horizon
 
     t0 = time.perf_counter()
-    trainer = horizon.Trainer.from_config(cfg, device="cuda", lr=1e-5, micro_batch_size=mbs)
+    trainer = horizon.Trainer.from_config(cfg, device="cuda", lr=1e-5, micro_batch_size=mbs,
+                                          activation_memory=activation_memory)
     build_s = time.perf_counter() - t0
     trainer.train_step(batch(rows, seq, cfg["vocab_size"], 0))  # warm-up
     trainer.synchronize()
@@ -97,6 +98,8 @@ def time_horizon(cfg, rows, seq, mbs, steps):
         "d2h_GB_per_step": (s1["grad_bytes_d2h"] - s0["grad_bytes_d2h"]) / steps / 1e9,
         "exposed_optimizer_s_per_step": (s1["exposed_optimizer_seconds"] - s0["exposed_optimizer_seconds"]) / steps,
         "peak_device_GB": s1["peak_device_bytes"] / 1e9, "peak_host_GB": s1["peak_host_bytes"] / 1e9,
+        "activation_blocks": sorted(set(s1["activation_blocks"].values())),
+        "activation_kept_GB": s1["activation_kept_bytes"] / 1e9, "flops_per_step": s1["flops_per_step"],
     }
     out["tflops"] = 6 * out["params"] * out["tokens_per_s"] / 1e12
     del trainer
@@ -228,7 +231,15 @@ def main() -> int:
     large["layers"] = layers
     large["fraction_of_matmul_ceiling"] = large["tflops"] / res["bf16_matmul_tflops"]
     figure("large", large)
+    # The same model with no activation budget (every block recomputed): the budget's gain.
+    again = time_horizon(llama_config(layers), args.rows, args.seq, args.micro_batch, max(1, args.steps - 1),
+                         activation_memory=0)
+    figure("large_recompute", again)
+    gain = large["tokens_per_s"] / again["tokens_per_s"]
+    out.add({"activation_budget_gain_tokens_per_s": gain, "large_params": large["params"],
+             "large_blocks": large["activation_blocks"]})
     print(f"horizon / torch tokens/s on the {torch_run['params'] / 1e9:.2f} B model: {ratio:.2f}")
+    print(f"activation budget auto / none tokens/s on the {large['params'] / 1e9:.2f} B model: {gain:.2f}")
     return 0
 
 

@@ -95,30 +95,38 @@ def _block_saved_elements(s, tokens: int, seq_len: int, math_attention: bool) ->
 
 
 def activation_plan(s, *, batch_size: int, seq_len: int, micro_batch: int, elem: int, budget: int,
-                    active: dict, math_attention: bool) -> dict:
+                    active: dict, math_attention: bool, host_budget: int = 0, cheaper=None) -> dict:
     """Which (block, micro-batch) forwards keep their saved tensors within `budget` bytes (the
-    engine's greedy rule, in forward order, on the estimated bytes per unit) and what that makes
-    of a step: kept bytes, the tokens whose block inputs are still checkpointed, the matmul
-    FLOPs (`engine.activations.step_flops`)."""
+    engine's greedy rule, in forward order, on the estimated bytes per unit), which of the rest
+    go to host memory (placement "offload", CUDA: within `host_budget` and where
+    `cheaper(key, nbytes, tokens)` says the copies cost less than the recompute), and what that
+    makes of a step: kept and offloaded bytes, bytes moved, the tokens whose block inputs are
+    still checkpointed, the matmul FLOPs (`engine.activations.step_flops`)."""
     units = [min(micro_batch, batch_size - lo) * seq_len for lo in range(0, batch_size, micro_batch)]
     keys = list(active)[1:-1]
     per_token = _block_saved_elements(s, 1, seq_len, math_attention) * elem
-    held = kept_units = checkpoint_tokens = 0
+    held = host_held = kept_units = checkpoint_tokens = 0
     per_block, recomputed = {}, {}
     for key in keys:
-        kept = 0
+        placed = []
         for t in units:
-            if held + t * per_token <= budget:
-                held += t * per_token
-                kept += 1
+            nbytes = t * per_token
+            if held + nbytes <= budget:
+                held += nbytes
+                placed.append("keep")
+            elif cheaper is not None and host_held + nbytes <= host_budget and cheaper(key, nbytes, t):
+                host_held += nbytes
+                placed.append("offload")
             else:
                 recomputed[key] = recomputed.get(key, 0) + t
                 checkpoint_tokens += t
-        kept_units += kept
-        per_block[key] = "keep" if kept == len(units) else ("recompute" if kept == 0 else "partial")
-    counts = {v: sum(1 for x in per_block.values() if x == v) for v in ("keep", "partial", "recompute")}
+                placed.append("recompute")
+        kept_units += len(placed) - placed.count("recompute")
+        per_block[key] = placed[0] if len(set(placed)) == 1 else "partial"
+    counts = {v: sum(1 for x in per_block.values() if x == v) for v in ("keep", "offload", "partial", "recompute")}
     return {"budget_bytes": budget, "unit_bytes": units[0] * per_token, "kept_bytes": held,
-            "units_kept": kept_units, "units": len(units) * len(keys), "blocks": counts, "per_block": per_block,
+            "offloaded_bytes": host_held, "units_kept": kept_units, "units": len(units) * len(keys),
+            "blocks": counts, "per_block": per_block,
             "flops_per_step": step_flops(active, s.tie_word_embeddings, batch_size * seq_len, recomputed),
             "checkpoint_tokens": checkpoint_tokens}
 
@@ -238,6 +246,7 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
     # has left after the rest (on the CPU device: host memory), less max(1 GiB, 10%), less room
     # for the backward's live activations (twice a kept unit).
     budget = EngineConfig(activation_memory=activation_memory).activation_budget()
+    auto = budget is None
     active = layer_active_parameters(s)
     unit = _block_saved_elements(s, mb * seq_len, seq_len, machine.device == "cpu") * c
     if budget is None:
@@ -248,8 +257,21 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
             left = machine.host_bytes + machine.process_bytes - sum(host.values()) - sum(device.values())
             margin = max(GIB, machine.host_bytes // 10)
         budget = max(0, left - margin - 2 * unit)
+    host_budget, cheaper = 0, None
+    flops, h2d, d2h, assumed = _rates(machine)
+    if machine.device == "cuda" and auto:
+        # Placement "offload": what the host has left after the rest, less its margin; the
+        # engine measures the rates once, the plan assumes them (GPU_ASSUMPTIONS).
+        host_budget = max(0, machine.host_bytes + machine.process_bytes - sum(host.values())
+                          - max(GIB, machine.host_bytes // 10))
+
+        def cheaper(key, nbytes, t):
+            return nbytes / h2d < 2 * active[key] * t / flops
     acts = activation_plan(s, batch_size=batch_size, seq_len=seq_len, micro_batch=mb, elem=c, budget=budget,
-                           active=active, math_attention=machine.device == "cpu")
+                           active=active, math_attention=machine.device == "cpu", host_budget=host_budget,
+                           cheaper=cheaper)
+    if acts["offloaded_bytes"]:
+        host["offloaded_activations"] = acts["offloaded_bytes"]
     # Kept units hold their own inputs: only the recomputed ones' inputs are checkpoints.
     ckpt = acts["checkpoint_tokens"] * s.hidden_size * c
     if offloaded:
@@ -257,11 +279,13 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
     else:
         device["activation_checkpoints"] = ckpt
     device["kept_activations"] = acts["kept_bytes"]
-    acts["bytes_moved"] = 2 * ckpt if offloaded else 0  # to the host in the forward, back in the backward
+    # to the host in the forward, back in the backward
+    acts["bytes_moved"] = 2 * (ckpt if offloaded else 0) + 2 * acts["offloaded_bytes"]
+    if acts["offloaded_bytes"]:  # one block's units back on the device ahead of its backward
+        device["offloaded_activations_in"] = len(range(0, batch_size, mb)) * acts["unit_bytes"]
     host_total = sum(host.values())
     device_total = sum(device.values())
 
-    flops, h2d, d2h, assumed = _rates(machine)
     compute_s = acts["flops_per_step"] / flops
     bounds = {"compute_s": compute_s,
               "optimizer_s": ADAM_BYTES_PER_PARAM * n / (HOST_MEMORY_GBPS * 1e9)}
@@ -334,10 +358,10 @@ def format_plan(p: dict) -> str:
                     f"   (weights H2D {_b(p['pcie_breakdown']['weights_h2d'])}, grads D2H {_b(p['pcie_breakdown']['grads_d2h'])})"))
     a = p["activations"]
     b = a["blocks"]
-    lines.append(f"activations   budget {_b(a['budget_bytes'])}: blocks keep {b['keep']}, partial {b['partial']}, "
-                 f"recompute {b['recompute']} (kept {_b(a['kept_bytes'])}, {_b(a['unit_bytes'])} per block and "
-                 f"micro-batch); {a['flops_per_step'] / 1e12:.3g} TFLOP per step; "
-                 f"{_b(a['bytes_moved'])} moved per step")
+    lines.append(f"activations   budget {_b(a['budget_bytes'])}: blocks keep {b['keep']}, offload {b['offload']}, "
+                 f"partial {b['partial']}, recompute {b['recompute']} (kept {_b(a['kept_bytes'])}, offloaded "
+                 f"{_b(a['offloaded_bytes'])}, {_b(a['unit_bytes'])} per block and micro-batch); "
+                 f"{a['flops_per_step'] / 1e12:.3g} TFLOP per step; {_b(a['bytes_moved'])} moved per step")
     terms = ", ".join(f"{k[:-2]} {v:.3g} s" for k, v in p["step_time_terms_s"].items())
     lines.append(f"step time >= {p['step_time_lower_bound_s']:.3g} s ({terms})")
     lines.append(f"  assumed: {p['assumptions']}")

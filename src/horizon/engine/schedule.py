@@ -115,7 +115,7 @@ class LayerMajorEngine:
         landing_slots: int | None = None,
         offload_checkpoints: bool | None = None,
         loss_chunk_size: int | None = None,
-        activation_memory: int | None = 0,
+        activation_memory: int | None = None,
     ):
         if n_slots < 2:
             raise HorizonError(f"n_slots must be >= 2 (one layer computes while the next streams in), got {n_slots}")
