@@ -677,3 +677,32 @@ def test_registry_sweep_has_no_failed_architecture(tmp_path):
     for r in rows:
         if r["status"] == "refused":
             assert "\n" not in r["detail"] and r["class"].lower()[:4] in r["detail"].lower(), r
+
+
+def test_hf_path_reads_integer_buffers_as_integers(tmp_path):
+    # DeepSeek-V4's hash-routed layers carry a token -> expert table (an I64 buffer) in the
+    # checkpoint: read as the integers it is, used by the forward, exported unchanged.
+    model_sweep = _model_sweep()
+    cfg = model_sweep.tiny_config("deepseek_v4")
+    cfg["architectures"] = ["DeepseekV4ForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_hf_config(cfg)).float()
+    tables = {n: b for n, b in model.named_buffers() if n.endswith("tid2eid")}
+    assert tables and all(b.dtype == torch.int64 for b in tables.values())
+    with torch.no_grad():
+        for b in tables.values():
+            b.copy_(torch.randint(0, cfg["n_routed_experts"], b.shape))
+    model.save_pretrained(tmp_path / "model")
+    trainer = horizon.Trainer.from_pretrained(tmp_path / "model", device="cpu", model_path="hf", **HP)
+    ids, labels = _batches(1, 2)[0]
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=labels).loss.item()
+    assert abs(trainer.train_step(ids, labels) - want) <= 1e-5 * abs(want)
+    trainer.save_pretrained(tmp_path / "out")
+    from safetensors.torch import load_file
+
+    src = {n: t for n, t in load_file(str(tmp_path / "model" / "model.safetensors")).items() if n.endswith("tid2eid")}
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert len(src) == len(tables)
+    for n, t in src.items():
+        assert out[n].dtype == torch.int64 and torch.equal(out[n], t), n
