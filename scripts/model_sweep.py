@@ -80,9 +80,11 @@ def _stochastic(key: str, value) -> bool:
             and ("dropout" in k or "pdrop" in k or "jitter" in k or k.endswith("_drop")))
 
 
-def _shrunk(config_cls, sub=None, *, layers=True):
+def _shrunk(config_cls, sub=None, *, layers=True, derive=False):
     """Keyword overrides that shrink `config_cls()`'s defaults (and its text sub-config);
-    `layers=False` keeps the layer count (for classes whose per-layer lists must match it)."""
+    `layers=False` keeps the layer count (for classes whose per-layer lists must match it);
+    `derive` leaves a sub-config's per-layer lists (`layer_types`) to its class to derive for
+    the shrunk count, as it does at the top level, where only the overrides are passed."""
     try:
         default = sub if sub is not None else config_cls()
     except Exception:  # noqa: BLE001 - some classes need arguments; shrink what we can
@@ -109,10 +111,63 @@ def _shrunk(config_cls, sub=None, *, layers=True):
             out[key] = VOCAB - 1
         elif key.endswith("_token_id") and isinstance(value, list):
             out[key] = [v if not isinstance(v, int) or v < VOCAB else VOCAB - 1 for v in value]
+        elif _per_layer(value):
+            # Per-layer overrides (Gemma-4's 512-wide global heads): their sizes shrunk to twice
+            # the tiny ones, so those layers still differ. With the layer count shrunk their
+            # indices no longer fit: `_with_per_layer` hands them on by layer type.
+            if not layers:
+                out[key] = _shrunk_overrides(value)
         elif key in NESTED and isinstance(value, dict):
-            nested = dict(value)
+            n_layers = next((value[k] for k in LAYER_KEYS if isinstance(value.get(k), int)), None)
+            nested = {k: v for k, v in value.items()
+                      if not (layers and (_per_layer(v) or (derive and isinstance(v, list) and len(v) == n_layers)))}
             nested.update(_shrunk(None, value, layers=layers))
             out[key] = nested
+    return out
+
+
+def _has_per_layer(d: dict) -> bool:
+    return any(_per_layer(v) or (k in NESTED and isinstance(v, dict) and _has_per_layer(v)) for k, v in d.items())
+
+
+def _layer_types(d: dict) -> set:
+    out = set(d.get("layer_types") or [])
+    for key in NESTED:
+        if isinstance(d.get(key), dict):
+            out |= _layer_types(d[key])
+    return out
+
+
+def _per_layer(value) -> bool:
+    """A dict of per-layer overrides: layer index (int or digit string) -> dict of fields."""
+    return (isinstance(value, dict) and bool(value) and all(isinstance(v, dict) for v in value.values())
+            and all(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in value))
+
+
+def _shrunk_overrides(value: dict) -> dict:
+    return {k: {f: 2 * SHRINK[f] if (f in SHRINK and isinstance(v, int) and not isinstance(v, bool)
+                                     and v > 2 * SHRINK[f]) else v for f, v in ov.items()}
+            for k, ov in value.items()}
+
+
+def _with_per_layer(default: dict, tiny: dict) -> dict:
+    """`tiny` (a shrunk config dict, sub-configs included) with `default`'s per-layer overrides,
+    shrunk, given to the tiny model's layers of the type they were given to in the default
+    (e.g. every full-attention layer), where each layer type had one override."""
+    out = dict(tiny)
+    for key, value in default.items():
+        if key in NESTED and isinstance(value, dict) and isinstance(tiny.get(key), dict):
+            out[key] = _with_per_layer(value, tiny[key])
+        elif _per_layer(value) and isinstance(default.get("layer_types"), list) \
+                and isinstance(tiny.get("layer_types"), list):
+            by_type: dict = {}
+            for k, ov in _shrunk_overrides(value).items():
+                i = int(k)
+                if i < len(default["layer_types"]):
+                    by_type.setdefault(default["layer_types"][i], []).append(ov)
+            if any(any(o != ovs[0] for o in ovs) for ovs in by_type.values()):
+                continue  # overrides that differ within a layer type: left to the config class
+            out[key] = {i: by_type[t][0] for i, t in enumerate(tiny["layer_types"]) if t in by_type}
     return out
 
 
@@ -121,10 +176,32 @@ def tiny_config(model_type: str) -> dict:
 
     cls = CONFIG_MAPPING[model_type]
     try:
+        default = cls().to_dict()
+    except Exception:  # noqa: BLE001 - some classes need arguments
+        default = None
+    try:
         cfg = cls(**_shrunk(cls))
-    except Exception:  # noqa: BLE001 - per-layer lists tied to the layer count: keep the count
-        cfg = cls(**_shrunk(cls, layers=False))
+    except Exception:  # noqa: BLE001 - per-layer lists tied to the layer count
+        cfg = None
+        if default is not None and _has_per_layer(default):
+            # Per-layer overrides (handed on by layer type below): a sub-config's per-layer
+            # lists derived for the shrunk count, if every layer type survives (structure
+            # kept); else the layer count is kept.
+            try:
+                cfg = cls(**_shrunk(cls, derive=True))
+                if _layer_types(cfg.to_dict()) != _layer_types(default):
+                    cfg = None
+            except Exception:  # noqa: BLE001
+                cfg = None
+        if cfg is None:
+            cfg = cls(**_shrunk(cls, layers=False))
     d = cfg.to_dict()
+    try:
+        with_overrides = _with_per_layer(default, d) if default is not None else d
+        if with_overrides != d:
+            d = cls.from_dict(dict(with_overrides)).to_dict()
+    except Exception:  # noqa: BLE001 - the config class's own per-layer overrides stay
+        pass
     d["model_type"] = model_type
     return d
 
@@ -411,7 +488,9 @@ def write_markdown(rows: list, path: Path) -> None:
         f"`python scripts/model_sweep.py` (transformers {transformers.__version__}, torch {torch.__version__}):",
         "every model type of the causal-LM registry; a tiny config from its config class's own",
         f"defaults (width 64, 2 layers, 4 heads with the full-size grouping of kv heads, vocabulary {VOCAB},",
-        "4 experts; dropout and router noise off); transformers builds and saves a random model;",
+        "4 experts; per-layer overrides such as Gemma-4's wider global heads at twice the tiny sizes,",
+        "given to the tiny model's layers of the same type; dropout and router noise off); transformers",
+        "builds and saves a random model;",
         f"{STEPS} steps of {ROWS} x {SEQ} tokens in micro-batches of one row on the CPU in fp32 against",
         "transformers + `torch.optim.AdamW` on the same batches.",
         "",

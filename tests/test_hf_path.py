@@ -83,6 +83,21 @@ FAMILIES = {
         "rms_norm_eps": 1e-5, "rope_scaling": None, "rope_theta": 10000.0, "router_aux_loss_coef": 0.01,
         "tie_word_embeddings": False, "vocab_size": VOCAB,
     },
+    # Gemma4UnifiedTextConfig's defaults (google/gemma-4-12B-it): 5 sliding : 1 full layers, the
+    # full ones with 512-wide heads (a per-layer override; 32 here, twice the sliding ones), q/k/v
+    # norms with attention scaling 1.0, proportional rope on a quarter of the global heads,
+    # keys as values on the full layers (attention_k_eq_v), a layer scalar, a tied head.
+    "gemma4_unified": {
+        "architectures": ["Gemma4UnifiedForCausalLM"], "model_type": "gemma4_unified_text",
+        "attention_bias": False, "attention_dropout": 0.0, "attention_k_eq_v": True, "bos_token_id": 2,
+        "eos_token_id": 1, "pad_token_id": 0, "final_logit_softcapping": None, "head_dim": 16,
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 64, "initializer_range": 0.02,
+        "intermediate_size": 128, "layer_types": ["sliding_attention", "full_attention"],
+        "max_position_embeddings": 262144, "num_attention_heads": 4, "num_hidden_layers": 2,
+        "num_key_value_heads": 2, "num_kv_shared_layers": 0, "per_layer_config": {"1": {"head_dim": 32}},
+        "rms_norm_eps": 1e-6, "sliding_window": 8, "tie_word_embeddings": True,
+        "use_bidirectional_attention": "vision", "use_double_wide_mlp": False, "vocab_size": VOCAB,
+    },
     # Qwen/Qwen1.5-MoE-A2.7B: 24 layers, hidden 2048, 60 experts top-4 of 1408, a gated shared
     # expert of 5632.
     "qwen2_moe": {
@@ -510,6 +525,63 @@ def test_models_neither_path_trains_are_refused_in_one_line(config, reason):
     assert name.lower().replace("_", "") in message.lower().replace("_", "") or "Mamba" in message, message
 
 
+def test_kv_shared_layers_are_refused_in_one_line_for_plan_and_train():
+    # Gemma-4's later layers reuse the keys and values of an earlier layer: state across layers,
+    # which a layer streamed on its own cannot read (nor send its gradient back to). Refused up
+    # front only where it is enabled: with num_kv_shared_layers 0 the family trains (above).
+    from horizon.models import resolve, summarize
+
+    cfg = dict(FAMILIES["gemma4_unified"], num_hidden_layers=3,
+               layer_types=["sliding_attention", "full_attention", "full_attention"],
+               per_layer_config={"1": {"head_dim": 32}, "2": {"head_dim": 32}}, num_kv_shared_layers=1)
+    for read in (resolve, summarize):
+        with pytest.raises(HorizonError, match="Gemma4UnifiedForCausalLM: num_kv_shared_layers 1") as err:
+            read(cfg)
+        assert "\n" not in str(err.value)
+    assert resolve(dict(cfg, num_kv_shared_layers=0)).model_path == "hf"
+
+
+def test_hf_path_is_as_exact_as_transformers_where_the_model_amplifies_rounding(tmp_path):
+    """Gemma-4's full-size global heads (512 wide, attention scaling 1.0, q/k norms) on a model
+    64 wide: sharp attention that amplifies fp32 rounding, so that two exact fp32
+    implementations end 1e-4..1e-3 apart after a few steps (what made the registry sweep, whose
+    tiny config kept these heads, call gemma4_unified failed). Against transformers' own run in
+    float64, the hf path is as close as transformers' fp32 run is."""
+    cfg = dict(FAMILIES["gemma4_unified"], per_layer_config={"1": {"head_dim": 512}}, attention_k_eq_v=False)
+    src = _save_tiny(cfg, tmp_path / "model")
+    batches = _batches(3, 2)
+
+    def reference(dtype):
+        model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), **HP)
+        losses = []
+        for ids, labels in batches:
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses, {n: t.double() for n, t in model.state_dict().items()}
+
+    exact_losses, exact = reference(torch.float64)
+    fp32_losses, fp32 = reference(torch.float32)
+    trainer = horizon.Trainer.from_pretrained(src, device="cpu", micro_batch_size=1, model_path="hf", **HP)
+    losses = _train(trainer, batches)
+    trainer.save_pretrained(tmp_path / "out")
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+
+    for a, t, e in zip(losses, fp32_losses, exact_losses):
+        assert abs(a - e) <= 2 * abs(t - e) + 1e-6 * abs(e), (a, t, e)
+    worst = 0.0
+    for name, e in exact.items():
+        if e.is_floating_point():
+            inherent = _rel(fp32[name], e)
+            worst = max(worst, inherent)
+            assert _rel(got[name].double(), e) <= 2 * inherent + 1e-7, name
+    assert worst > 1e-4  # the model does amplify rounding beyond the sweep's tolerance
+
+
 def test_output_router_logits_is_refused_on_the_hf_path():
     from horizon.models import resolve
 
@@ -571,13 +643,33 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "dp-worker":
 SWEEP_SAMPLE = ["gpt2", "opt", "camembert", "openai-gpt", "trocr", "mamba", "phimoe", "rwkv"]
 
 
-@pytest.mark.slow
-def test_registry_sweep_has_no_failed_architecture(tmp_path):
+def _model_sweep():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
     try:
         import model_sweep
     finally:
         sys.path.pop(0)
+    return model_sweep
+
+
+def test_sweep_shrinks_per_layer_overrides_and_trains_gemma4_unified():
+    # The tiny config keeps Gemma-4's structure (sliding and full layers, the full ones with heads
+    # of their own width) at 2 layers, the global heads shrunk with the rest (512 -> 32): with
+    # them at 512 (and the composite model at its 30 layers) the model amplified fp32 rounding
+    # past the sweep's tolerance and both rows read "failed".
+    model_sweep = _model_sweep()
+    for model_type in ("gemma4_unified", "gemma4_unified_text"):
+        cfg = model_sweep.tiny_config(model_type)
+        text = cfg.get("text_config", cfg)
+        assert text["num_hidden_layers"] == 2 and text["layer_types"] == ["sliding_attention", "full_attention"]
+        assert {int(k): v for k, v in text["per_layer_config"].items()} == {1: {"head_dim": 32}}
+    rows = model_sweep.sweep(["gemma4_unified", "gemma4_unified_text"], log=open(os.devnull, "w"))
+    assert [r["status"] for r in rows] == ["trained", "trained"], [r["detail"] for r in rows]
+
+
+@pytest.mark.slow
+def test_registry_sweep_has_no_failed_architecture(tmp_path):
+    model_sweep = _model_sweep()
     whole = os.environ.get("HORIZON_SWEEP") == "1"
     rows = model_sweep.sweep(None if whole else SWEEP_SAMPLE, log=open(os.devnull, "w"))
     failed = [f"{r['model_type']}: {r['detail']}" for r in rows if r["status"] == "failed"]
@@ -589,3 +681,32 @@ def test_registry_sweep_has_no_failed_architecture(tmp_path):
     for r in rows:
         if r["status"] == "refused":
             assert "\n" not in r["detail"] and r["class"].lower()[:4] in r["detail"].lower(), r
+
+
+def test_hf_path_reads_integer_buffers_as_integers(tmp_path):
+    # DeepSeek-V4's hash-routed layers carry a token -> expert table (an I64 buffer) in the
+    # checkpoint: read as the integers it is, used by the forward, exported unchanged.
+    model_sweep = _model_sweep()
+    cfg = model_sweep.tiny_config("deepseek_v4")
+    cfg["architectures"] = ["DeepseekV4ForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_hf_config(cfg)).float()
+    tables = {n: b for n, b in model.named_buffers() if n.endswith("tid2eid")}
+    assert tables and all(b.dtype == torch.int64 for b in tables.values())
+    with torch.no_grad():
+        for b in tables.values():
+            b.copy_(torch.randint(0, cfg["n_routed_experts"], b.shape))
+    model.save_pretrained(tmp_path / "model")
+    trainer = horizon.Trainer.from_pretrained(tmp_path / "model", device="cpu", model_path="hf", **HP)
+    ids, labels = _batches(1, 2)[0]
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=labels).loss.item()
+    assert abs(trainer.train_step(ids, labels) - want) <= 1e-5 * abs(want)
+    trainer.save_pretrained(tmp_path / "out")
+    from safetensors.torch import load_file
+
+    src = {n: t for n, t in load_file(str(tmp_path / "model" / "model.safetensors")).items() if n.endswith("tid2eid")}
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert len(src) == len(tables)
+    for n, t in src.items():
+        assert out[n].dtype == torch.int64 and torch.equal(out[n], t), n

@@ -20,6 +20,8 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # The safetensors dtypes a weight may have (converted to the model's fp32 master on load).
 _WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
+_INT_DTYPES = {torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
 # Buffers some exporters write that are not parameters.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -111,11 +113,17 @@ def _load_file(file: Path, destinations: dict, seen: set, ignore=()) -> None:
             if name not in destinations:
                 raise HorizonError(f"{file.name}: unexpected tensor {name!r} for this architecture")
             dtype = f.get_slice(name).get_dtype()
-            if dtype not in _WEIGHT_DTYPES:
+            dst = destinations[name]
+            # An integer buffer of the model (DeepSeek-V4's token-to-expert table) is read as
+            # the integers it is; everything trained is floating point.
+            if not dst.is_floating_point():
+                if dtype != _INT_DTYPES.get(dst.dtype):
+                    raise HorizonError(f"{file.name}: tensor {name!r} is {dtype}; this model's {name} is "
+                                       f"{_INT_DTYPES.get(dst.dtype, dst.dtype)}")
+            elif dtype not in _WEIGHT_DTYPES:
                 raise HorizonError(f"{file.name}: tensor {name!r} is {dtype}; model weights must be floating point "
                                    f"({', '.join(_WEIGHT_DTYPES)})")
             src = f.get_tensor(name)
-            dst = destinations[name]
             if tuple(src.shape) != tuple(dst.shape):
                 raise HorizonError(
                     f"{file.name}: tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
@@ -164,7 +172,9 @@ def save(model_dir, config: dict, tensors: dict[str, torch.Tensor], *, dtype: to
     for i, names in enumerate(shards):
         fname = SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         # safetensors refuses aliased storage, so each tensor is materialised on its own.
-        part = {n: tensors[n].detach().to(device="cpu", dtype=dtype).contiguous().clone() for n in names}
+        # (an integer buffer stays integer: the export dtype is the weights')
+        part = {n: tensors[n].detach().to(device="cpu", dtype=dtype if tensors[n].dtype.is_floating_point
+                                          else tensors[n].dtype).contiguous().clone() for n in names}
         save_file(part, str(root / fname), metadata={"format": "pt"})
         written.append(root / fname)
         weight_map.update({n: fname for n in names})
