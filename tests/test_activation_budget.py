@@ -124,7 +124,7 @@ def test_plan_estimate_covers_the_measured_bytes_and_flops_agree(tmp_path, kind)
     p = planmod.make_plan(cfg, batch_size=4, seq_len=SEQ, micro_batch_size=2, machine=machine,
                           activation_memory=1 << 40)
     a = p["activations"]
-    assert a["blocks"] == {"keep": 2, "partial": 0, "recompute": 0}
+    assert a["blocks"] == {"keep": 2, "offload": 0, "partial": 0, "recompute": 0}
     assert measured_unit <= a["unit_bytes"] <= 2 * measured_unit, (measured_unit, a["unit_bytes"])
     assert a["flops_per_step"] == trainer.stats["flops_per_step"]
     # No budget: every block's forward runs twice, 2 FLOPs per active parameter and token more.
@@ -212,3 +212,28 @@ def test_offload_placement_mechanism_is_exact_on_the_cpu(monkeypatch):
     for mode in ("offload", "mixed"):
         assert results[mode][0] == results["recompute"][0]
         assert torch.equal(results[mode][1], results["recompute"][1])
+
+
+def test_plan_offloads_where_the_copies_beat_the_recompute():
+    # A 70B-class block (hidden 8192, MLP 28672) on a generic GPU (assumed 100 TFLOP/s, 24 GB/s):
+    # bringing a token's saved tensors back (~0.29 MB, 12 us) costs less than recomputing its
+    # forward (2 x 0.86 G FLOPs, 17 us); with a 7B-class block (hidden 4096) it is the other way.
+    def cfg(h, i, heads, layers=8):
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
+                "intermediate_size": i, "num_hidden_layers": layers, "num_attention_heads": heads,
+                "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096,
+                "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    gpu = planmod.Machine("cuda", "Some GPU", 4096 << 30, 40 << 30, 32)
+    big = planmod.make_plan(cfg(8192, 28672, 64), batch_size=8, seq_len=4096, micro_batch_size=1, machine=gpu)
+    a = big["activations"]
+    assert a["blocks"]["offload"] > 0 and a["offloaded_bytes"] > 0
+    assert big["device_bytes"] <= gpu.device_bytes  # the blocks brought back ahead have room
+    assert a["bytes_moved"] == 2 * a["offloaded_bytes"] + 2 * big["host_breakdown"].get("offloaded_checkpoints", 0)
+    assert big["host_breakdown"]["offloaded_activations"] == a["offloaded_bytes"]
+    assert "offload " + str(a["blocks"]["offload"]) in planmod.format_plan(big)
+    small = planmod.make_plan(cfg(4096, 11008, 32, layers=32), batch_size=8, seq_len=4096, micro_batch_size=1, machine=gpu)
+    assert small["activations"]["blocks"]["offload"] == 0 and small["activations"]["blocks"]["recompute"] > 0
+    # A fixed budget is the whole budget: no host placement.
+    fixed = planmod.make_plan(cfg(8192, 28672, 64), batch_size=8, seq_len=4096, micro_batch_size=1, machine=gpu,
+                              activation_memory="1GiB")
+    assert fixed["activations"]["blocks"]["offload"] == 0

@@ -62,7 +62,9 @@ def test_footprint_follows_the_design_formula():
     largest_layer = block  # larger than the embedding or the head
     B, S, mb = 8, 1024, 2
     for clip in (False, True):
-        p = plan.make_plan(cfg, batch_size=B, seq_len=S, micro_batch_size=mb, grad_clip=clip, machine=_gpu())
+        # No activation budget: every block recomputed (the budget's own formula below).
+        p = plan.make_plan(cfg, batch_size=B, seq_len=S, micro_batch_size=mb, grad_clip=clip, machine=_gpu(),
+                           activation_memory=0)
         # 18 B/param with or without clipping: every step lands in the fp32 gradient buffer
         # (a step updates all layers or none), plus the process itself and one layer's load buffer.
         per_param = 18
@@ -78,9 +80,22 @@ def test_footprint_follows_the_design_formula():
         assert p["device_bytes"] == sum(p["device_breakdown"].values())
         assert p["pcie_bytes_per_step"] == 2 * 2 * n + 4 * n
         # H100 assumptions: 600 TFLOP/s, 50 GB/s each way, 50 GB/s host memory for 30 B/param.
-        want = max(8 * n * B * S / 600e12, 4 * n / 50e9, 4 * n / 50e9, 30 * n / 50e9)
+        # FLOPs: 6 per parameter and token (the embedding is a lookup) + 2 more for each block's
+        # recompute.
+        flops = 6 * (n - V * H) * B * S + 2 * 32 * block * B * S
+        assert p["activations"]["flops_per_step"] == flops
+        want = max(flops / 600e12, 4 * n / 50e9, 4 * n / 50e9, 30 * n / 50e9)
         assert p["step_time_lower_bound_s"] == pytest.approx(want, rel=1e-12)
         assert p["fits"]
+    # A budget of 5 block micro-batches (4 per block): the first block keeps all four, the second
+    # one; their inputs are no checkpoints, and their forward runs once.
+    unit = p["activations"]["unit_bytes"]
+    p = plan.make_plan(cfg, batch_size=B, seq_len=S, micro_batch_size=mb, machine=_gpu(), activation_memory=5 * unit)
+    a = p["activations"]
+    assert a["blocks"] == {"keep": 1, "offload": 0, "partial": 1, "recompute": 30}
+    assert a["kept_bytes"] == 5 * unit == p["device_breakdown"]["kept_activations"]
+    assert p["device_breakdown"]["activation_checkpoints"] == ckpts - 5 * (mb * S) * 4096 * 2
+    assert a["flops_per_step"] == flops - 5 * 2 * block * mb * S
 
 
 def test_fits_verdicts():
@@ -89,7 +104,8 @@ def test_fits_verdicts():
     assert not plan.make_plan(cfg, batch_size=1, seq_len=512, machine=_gpu(host_gib=64))["fits_host"]
     assert plan.make_plan(cfg, batch_size=1, seq_len=512, machine=_gpu(host_gib=128))["fits_host"]
     # Checkpoints that do not fit the GPU are offloaded to the host.
-    p = plan.make_plan(cfg, batch_size=64, seq_len=4096, micro_batch_size=1, machine=_gpu(host_gib=1024, dev_gib=16))
+    p = plan.make_plan(cfg, batch_size=64, seq_len=4096, micro_batch_size=1, machine=_gpu(host_gib=1024, dev_gib=16),
+                       activation_memory=0)
     assert p["checkpoints_offloaded"] and p["device_breakdown"]["activation_checkpoints"] == 0
     assert p["host_breakdown"]["offloaded_checkpoints"] == 32 * 64 * 4096 * 4096 * 2
     # On the CPU device, device bytes come out of host memory too.

@@ -256,7 +256,11 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
         else:
             left = machine.host_bytes + machine.process_bytes - sum(host.values()) - sum(device.values())
             margin = max(GIB, machine.host_bytes // 10)
-        budget = max(0, left - margin - 2 * unit)
+        # room for the backward's live activations (two units) and, where units may be
+        # offloaded (CUDA), the units of two blocks back on the device (one computing, one
+        # arriving)
+        n_mb = len(range(0, batch_size, mb))
+        budget = max(0, left - margin - (2 + (2 * n_mb if machine.device == "cuda" else 0)) * unit)
     host_budget, cheaper = 0, None
     flops, h2d, d2h, assumed = _rates(machine)
     if machine.device == "cuda" and auto:
@@ -281,8 +285,8 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
     device["kept_activations"] = acts["kept_bytes"]
     # to the host in the forward, back in the backward
     acts["bytes_moved"] = 2 * (ckpt if offloaded else 0) + 2 * acts["offloaded_bytes"]
-    if acts["offloaded_bytes"]:  # one block's units back on the device ahead of its backward
-        device["offloaded_activations_in"] = len(range(0, batch_size, mb)) * acts["unit_bytes"]
+    if acts["offloaded_bytes"]:  # two blocks' units back on the device (one computing, one arriving)
+        device["offloaded_activations_in"] = 2 * len(range(0, batch_size, mb)) * acts["unit_bytes"]
     host_total = sum(host.values())
     device_total = sum(device.values())
 

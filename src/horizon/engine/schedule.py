@@ -265,7 +265,10 @@ class LayerMajorEngine:
             else:
                 free, total = host_memory()
             hit = self._auto_budget_by_tokens[tokens] = max(0, free - max(1 << 30, total // 10))
-        self.activations.reserve_factor = 2 if self.activation_memory is None else 0
+        # auto: room for the backward's live activations (two units) and, on CUDA, for the
+        # offloaded units of two blocks back on the device (one computing, one arriving)
+        n_mb = -(-tokens // self._unit_tokens) if self._unit_tokens else 1
+        self.activations.reserve_factor = 2 + (2 * n_mb if self._cuda else 0)
         return hit
 
     def _host_activation_budget(self, tokens: int) -> int:
