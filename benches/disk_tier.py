@@ -14,7 +14,7 @@
 
     python benches/disk_tier.py --dir DIR [--layers 120] [--layer-params 3407872] [--passes 3]
                                 [--step-layers 12] [--steps 3] [--device auto] [--skip-steps]
-                                [--io auto threads] [--sync layer step]
+                                [--io auto threads] [--sync layer step] [--queue-depth 16] [--chunk-kib 1024]
 """
 
 from __future__ import annotations
@@ -64,13 +64,15 @@ def bench_pass(args, d):
         for sync in args.sync:
             tier = _native.DiskTier(d, numels, with_grad=False, direct=direct,
                                     staging_bytes=args.staging_layers * 3 * offload.part_bytes(args.layer_params),
-                                    durability=sync, io=io)
+                                    durability=sync, io=io, chunk_bytes=args.chunk_kib << 10,
+                                    queue_depth=args.queue_depth)
             files = [tier.layer_file(i)[0] for i in range(len(numels))]
 
             def measure_roof():
                 # The roof over the tier's own files: the same bytes, blocks and requests as a
                 # pass, with no AdamW and no order between them (overwrites the state).
-                r = json.loads(_native.offload_roof_files_json(files, io=io, direct=direct))
+                r = json.loads(_native.offload_roof_files_json(files, io=io, direct=direct, chunk_bytes=args.chunk_kib << 10,
+                                                               queue_depth=args.queue_depth))
                 for i in range(len(numels)):  # the state again: non-zero values (a virtual disk
                     # may store zero blocks as holes, which read back for free), finite for AdamW
                     tier.write_state(i, noise.data_ptr(), noise.data_ptr(), noise_sq.data_ptr()).wait()
@@ -152,6 +154,8 @@ def main() -> int:
     ap.add_argument("--staging-layers", type=int, default=2)
     ap.add_argument("--io", nargs="+", default=["auto"], help="I/O back ends: auto, uring, threads")
     ap.add_argument("--sync", nargs="+", default=["layer", "step"])
+    ap.add_argument("--queue-depth", type=int, default=16, help="requests in flight (io_uring) or threads")
+    ap.add_argument("--chunk-kib", type=int, default=1024, help="bytes per request, KiB")
     ap.add_argument("--step-layers", type=int, default=12)
     ap.add_argument("--step-hidden", type=int, default=512)
     ap.add_argument("--rows", type=int, default=1)
