@@ -389,6 +389,8 @@ def test_plan_with_the_tier_moves_the_state_to_disk_and_bounds_the_step_by_it(tm
     t = plan.make_plan(cfg, batch_size=8, seq_len=1024, machine=machine, offload_dir=str(tmp_path))
     assert not t["fits_disk"] and not t["fits"]
     assert "the disk tier needs" in plan.format_plan(t)
+    t = plan.make_plan(cfg, batch_size=8, seq_len=1024, machine=machine, offload_dir=str(tmp_path / "nope"))
+    assert not t["fits"] and "nope does not exist" in plan.format_plan(t)
 
 
 def test_doctor_measures_the_disk_and_plan_uses_the_measurement(tmp_path, capsys):

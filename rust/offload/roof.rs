@@ -62,7 +62,7 @@ pub fn measure(dir: &Path, bytes: usize, cfg: IoConfig, choice: IoChoice, direct
                 return Err(format!("cannot size {}: {}", path.display(), std::io::Error::last_os_error()));
             }
         }
-        passes(&[(fd, bytes)], cfg, choice, direct)
+        passes(&[(fd, bytes)], cfg, choice, direct, true)
     })();
     // SAFETY: our descriptor; the back end (and its threads) ended inside `passes`.
     unsafe { libc::close(fd) };
@@ -82,7 +82,7 @@ pub fn measure_files(paths: &[PathBuf], cfg: IoConfig, choice: IoChoice, direct:
             }
             fds.push((open(p, libc::O_RDWR, direct)?, len));
         }
-        passes(&fds, cfg, choice, direct)
+        passes(&fds, cfg, choice, direct, false)
     })();
     for (fd, _) in fds {
         // SAFETY: our descriptors; the back end ended inside `passes`.
@@ -96,8 +96,10 @@ fn op_bytes(cfg: IoConfig) -> usize {
     cfg.chunk_bytes.max(ALIGN).next_multiple_of(ALIGN) * 8
 }
 
-/// First write, overwrite, read and mixed passes over `targets` (fd, length).
-fn passes(targets: &[(RawFd, usize)], cfg: IoConfig, choice: IoChoice, direct: bool) -> Result<Roof, String> {
+/// Write, read and mixed passes over `targets` (fd, length). `fresh` (blocks never written):
+/// write twice (the first into fresh blocks), then read, then mixed; else read first while the
+/// disk is quiet (no write-back of ours pending), then mixed, then write twice.
+fn passes(targets: &[(RawFd, usize)], cfg: IoConfig, choice: IoChoice, direct: bool, fresh: bool) -> Result<Roof, String> {
     let chunk = cfg.chunk_bytes.max(ALIGN).next_multiple_of(ALIGN);
     let op_len = op_bytes(cfg);
     let total: usize = targets.iter().map(|t| t.1).sum();
@@ -151,10 +153,16 @@ fn passes(targets: &[(RawFd, usize)], cfg: IoConfig, choice: IoChoice, direct: b
         }
         Ok(total as f64 / t.elapsed().as_secs_f64() / 1e9)
     };
-    let first_write_gbps = pass(OpKind::Write, false)?;
-    let write_gbps = pass(OpKind::Write, false)?;
-    let read_gbps = pass(OpKind::Read, false)?;
-    let mixed_gbps = pass(OpKind::Read, true)?;
+    let (first_write_gbps, write_gbps, read_gbps, mixed_gbps) = if fresh {
+        let w1 = pass(OpKind::Write, false)?;
+        let w2 = pass(OpKind::Write, false)?;
+        (w1, w2, pass(OpKind::Read, false)?, pass(OpKind::Read, true)?)
+    } else {
+        let r = pass(OpKind::Read, false)?;
+        let m = pass(OpKind::Read, true)?;
+        let w1 = pass(OpKind::Write, false)?;
+        (w1, pass(OpKind::Write, false)?, r, m)
+    };
     Ok(Roof {
         bytes: total as u64,
         read_gbps,

@@ -216,6 +216,10 @@ fn tier_matches_ram(numels: &[usize], disk_grad: bool, durability: Durability, i
     // per step: the state read and written once, the gradient written and read once
     assert!(s.bytes_read >= 4 * (state + grad), "{s:?}");
     assert!(s.syncs > 0);
+    // Busy time per direction: some of each, never more than the time with anything in flight
+    // (up to the clock reads' own nanoseconds).
+    assert!(s.read_busy_seconds > 0.0 && s.write_busy_seconds > 0.0, "{s:?}");
+    assert!(s.read_busy_seconds.max(s.write_busy_seconds) <= s.io_busy_seconds + 1e-3, "{s:?}");
     assert!(s.staging_peak_bytes as usize <= staging);
     let files = tier.layer_path(0);
     assert!(files.exists());

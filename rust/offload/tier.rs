@@ -169,6 +169,11 @@ pub struct TierStats {
     pub update_wait_seconds: f64,
     /// Wall time with at least one disk request in flight.
     pub io_busy_seconds: f64,
+    /// Wall time with at least one read in flight (a pass that keeps this near its length is
+    /// read-bound: it reads as fast as the disk serves).
+    pub read_busy_seconds: f64,
+    /// Wall time with at least one write in flight.
+    pub write_busy_seconds: f64,
     pub updates: u64,
     pub skipped_updates: u64,
     /// Steps whose write-backs were all made durable (Durability::Step) .
@@ -187,6 +192,8 @@ struct Counters {
     adam_ns: AtomicU64,
     wait_ns: AtomicU64,
     busy_ns: AtomicU64,
+    read_busy_ns: AtomicU64,
+    write_busy_ns: AtomicU64,
     updates: AtomicU64,
     skipped: AtomicU64,
     steps_synced: AtomicU64,
@@ -319,8 +326,7 @@ impl DiskTier {
             gen: 0,
             flush_waiters: Vec::new(),
             error: None,
-            ops_inflight: 0,
-            busy_since: None,
+            busy: [Busy::default(); 3],
             shutting_down: false,
         };
         let worker = std::thread::Builder::new()
@@ -450,6 +456,8 @@ impl DiskTier {
             adam_seconds: s(&c.adam_ns),
             update_wait_seconds: s(&c.wait_ns),
             io_busy_seconds: s(&c.busy_ns),
+            read_busy_seconds: s(&c.read_busy_ns),
+            write_busy_seconds: s(&c.write_busy_ns),
             updates: f(&c.updates),
             skipped_updates: f(&c.skipped),
             steps_synced: f(&c.steps_synced),
@@ -565,6 +573,31 @@ struct StepWrites {
     writes: usize,
 }
 
+/// Requests of one kind in flight, and since when (for the busy-time counters).
+#[derive(Clone, Copy, Default)]
+struct Busy {
+    n: usize,
+    since: Option<Instant>,
+}
+
+impl Busy {
+    fn start(&mut self, now: Instant) {
+        if self.n == 0 {
+            self.since = Some(now);
+        }
+        self.n += 1;
+    }
+
+    fn end(&mut self, counter: &AtomicU64) {
+        self.n = self.n.saturating_sub(1);
+        if self.n == 0 {
+            if let Some(t) = self.since.take() {
+                add(counter, ns(t.elapsed()));
+            }
+        }
+    }
+}
+
 struct SyncGroup {
     remaining: usize,
     waiters: Vec<Arc<Completion>>,
@@ -607,8 +640,8 @@ struct Runtime {
     gen: u64,
     flush_waiters: Vec<Arc<Completion>>,
     error: Option<String>,
-    ops_inflight: usize,
-    busy_since: Option<Instant>,
+    /// Requests in flight and since when: all, reads, writes.
+    busy: [Busy; 3],
     shutting_down: bool,
 }
 
@@ -660,10 +693,13 @@ impl Runtime {
             }
         }
         self.pending.insert(token, purpose);
-        if self.ops_inflight == 0 {
-            self.busy_since = Some(Instant::now());
+        let now = Instant::now();
+        self.busy[0].start(now);
+        match kind {
+            OpKind::Read => self.busy[1].start(now),
+            OpKind::Write => self.busy[2].start(now),
+            OpKind::Sync => {}
         }
-        self.ops_inflight += 1;
         let op = Op { kind, fd: self.files.fd(layer), buf, len, offset: offset as u64, token };
         if let Some(b) = self.backend.as_ref() {
             b.submit(&[op]);
@@ -744,8 +780,9 @@ impl Runtime {
                 }
                 Msg::Flush(c) | Msg::Misc { done: c, .. } => c.complete(Err(err)),
                 Msg::Io(token, _) => {
-                    self.pending.remove(&token);
-                    self.io_finished();
+                    if let Some(p) = self.pending.remove(&token) {
+                        self.io_finished(&p);
+                    }
                 }
                 Msg::Ready(key, _) => {
                     self.awaiting.remove(&key);
@@ -794,12 +831,13 @@ impl Runtime {
         }
     }
 
-    fn io_finished(&mut self) {
-        self.ops_inflight = self.ops_inflight.saturating_sub(1);
-        if self.ops_inflight == 0 {
-            if let Some(t) = self.busy_since.take() {
-                add(&self.counters.busy_ns, ns(t.elapsed()));
-            }
+    fn io_finished(&mut self, purpose: &Purpose) {
+        let c = self.counters.clone();
+        self.busy[0].end(&c.busy_ns);
+        match purpose {
+            Purpose::StateRead(_) | Purpose::GradRead(_) | Purpose::Misc { write: false, .. } => self.busy[1].end(&c.read_busy_ns),
+            Purpose::StateWrite { .. } | Purpose::GradWrite(_) | Purpose::Misc { write: true, .. } => self.busy[2].end(&c.write_busy_ns),
+            Purpose::Sync { .. } => {}
         }
     }
 
@@ -898,7 +936,7 @@ impl Runtime {
 
     fn on_io(&mut self, token: u64, r: Result<(), String>) {
         let Some(purpose) = self.pending.remove(&token) else { return };
-        self.io_finished();
+        self.io_finished(&purpose);
         if let Purpose::Sync { .. } = purpose {
             self.syncs_inflight -= 1;
         }
