@@ -226,5 +226,16 @@ class SlabLayout:
             for name, off in self.offsets.items()
         }
 
+    def gaps(self) -> Tuple[Tuple[int, int], ...]:
+        """(start, end) element ranges no parameter covers (the alignment padding), in order."""
+        out, at = [], 0
+        for name, off in sorted(self.offsets.items(), key=lambda kv: kv[1]):
+            if off > at:
+                out.append((at, off))
+            at = max(at, off + math.prod(self.shapes[name]))
+        if self.numel > at:
+            out.append((at, self.numel))
+        return tuple(out)
+
     def __repr__(self) -> str:
         return f"SlabLayout({len(self)} parameters, numel={self.numel}, align={self.align})"

@@ -141,10 +141,12 @@ class KeptUnit:
         self._seen.discard(self._slot_ptr)
         self._bwd_slot = None
         self.nbytes = 0
-        # The parameters' leaf: the slot's storage under a tensor of its own (its own version
-        # counter, so the stream's writes into the slot are not the saved views' concern).
-        self.flat = torch.empty(0, dtype=slot.dtype, device=slot.device).set_(
-            slot.untyped_storage(), slot.storage_offset(), slot.shape).requires_grad_()
+        # The slot's storage under a tensor of its own (its own version counter, so the
+        # stream's writes into the slot are not the saved views' concern); the parameters'
+        # leaves are views of it (`params`).
+        self._alias = torch.empty(0, dtype=slot.dtype, device=slot.device).set_(
+            slot.untyped_storage(), slot.storage_offset(), slot.shape)
+        self.leaves: dict = {}
         self.x = self.y = self.extra = None
         self.host = host
         self._host_copies: list = []
@@ -152,6 +154,11 @@ class KeptUnit:
         self._alive: list = []
         self._back: list | None = None
         self._back_ready = None
+
+    def params(self, layout) -> dict:
+        """name -> the unit's leaf for each parameter (requires grad), over the forward's slot."""
+        self.leaves = {name: v.detach().requires_grad_() for name, v in layout.views(self._alias).items()}
+        return self.leaves
 
     def _pack(self, t: torch.Tensor):
         s = t.untyped_storage()
