@@ -29,7 +29,7 @@ from ..errors import HorizonError
 from ..kernels.rope import RotaryEmbedding
 from ..models import layer_active_parameters, micro_batch_inputs, shift_labels
 from .activations import ActivationBudget, ActivationStore, HostPlacement, KeptUnit, step_flops, tensor_storages
-from .ledger import MemoryLedger, SavedActivations, host_memory, tensor_bytes
+from .ledger import MemoryLedger, SavedActivations, host_memory, tensor_bytes, tune_host_allocator
 from .pipeline import GradientLanding, WeightStream
 from .state import HostLayer, HostModel
 
@@ -156,6 +156,8 @@ class LayerMajorEngine:
         self.track_grad_norm = track_grad_norm
         self.loss_chunk_size = loss_chunk_size
         self._cuda = device.type == "cuda"
+        if not self._cuda:
+            tune_host_allocator()
         self.device_ledger = MemoryLedger()
         self.host_ledger = MemoryLedger()
 

@@ -70,9 +70,10 @@ class RMSNormFunction(torch.autograd.Function):
                 [ptr(y), ptr(rstd), ptr(x), ptr(weight), ("i64", rows), ("i32", H), ("f32", float(eps))],
                 device=x.device,
             )
-        else:
-            rstd = torch.rsqrt(x.to(acc_dtype(x)).pow(2).mean(-1) + eps)
-            y = rms_norm_reference(x, weight, eps)
+        else:  # rms_norm_reference's operations, rstd computed once and kept
+            h = x.to(acc_dtype(x))
+            rstd = torch.rsqrt(h.pow(2).mean(-1) + eps)
+            y = (weight * (h * rstd.unsqueeze(-1)).to(x.dtype)).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
