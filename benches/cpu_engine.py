@@ -32,7 +32,7 @@ def config(layers, hidden, vocab=512):
     }
 
 
-def bench(layers, hidden, rows, seq, micro_batch, steps) -> dict:
+def bench(layers, hidden, rows, seq, micro_batch, steps, verbose=False) -> dict:
     import transformers
 
     import horizon
@@ -70,6 +70,9 @@ def bench(layers, hidden, rows, seq, micro_batch, steps) -> dict:
             times[name].append(time.perf_counter() - t0)
     tokens = rows * seq
     med = {name: statistics.median(t) for name, t in times.items()}
+    if verbose:
+        for name, t in times.items():
+            print(f"  {name} step times (s): " + " ".join(f"{x:.3f}" for x in t))
     n = runs["keep"].num_parameters
     print(f"model: Llama {layers} layers x {hidden}, {n / 1e6:.2f} M parameters; batch {rows} x {seq}, "
           f"micro-batch {micro_batch}; torch threads {torch.get_num_threads()}; median of {steps} interleaved steps")
@@ -90,11 +93,12 @@ def main() -> int:
     ap.add_argument("--sizes", nargs="+", default=SIZES, help="layers x hidden x rows x seq")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--verbose", action="store_true", help="print every step's time")
     args = ap.parse_args()
     ratios = []
     for size in args.sizes:
         layers, hidden, rows, seq = (int(v) for v in size.split("x"))
-        ratios.append((size, bench(layers, hidden, rows, seq, min(args.micro_batch, rows), args.steps)))
+        ratios.append((size, bench(layers, hidden, rows, seq, min(args.micro_batch, rows), args.steps, args.verbose)))
     print("tokens/s ratio to transformers + torch AdamW: "
           + "; ".join(f"{size}: keep {r['keep']:.2f}x, recompute {r['recompute']:.2f}x" for size, r in ratios))
     return 0
