@@ -105,25 +105,47 @@ def host_memory() -> tuple[int, int]:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_tuned = False
+# glibc malloc settings per policy: (mmap threshold, trim threshold or None for the default)
+MALLOC_POLICIES = {
+    # The RAM-resident model on the CPU device: every activation is a fresh host allocation, and
+    # with glibc's default (a dynamic mmap threshold; free memory above the heap's top returned
+    # at once) a step's tensors are page-faulted in again each step, ~5-10% of a small model's
+    # step (benches/cpu_engine.py, HORIZON_MALLOC_TUNING=0 against 1). Blocks up to 32 MiB come
+    # from the heap and freed memory stays for the next step.
+    "retain": (32 << 20, 1 << 30),
+    # The disk tier (engine/offload.py), whose point is a small resident size: every buffer of
+    # 1 MiB or more is its own mapping and goes back to the OS when freed. With glibc's dynamic
+    # threshold layer-sized buffers come from the heap, whose fragments stay resident, and the
+    # peak RSS grows with the depth instead of staying one layer's worth.
+    "return": (1 << 20, None),
+}
+_policy = None
 
 
-def tune_host_allocator() -> bool:
-    """On the CPU device every activation is a fresh host allocation, and with glibc's default
-    (a dynamic mmap threshold, free memory above the heap's top returned at once) a step's
-    tensors are page-faulted in again each step: measured ~15% of a small model's step
-    (benches/cpu_engine.py). Blocks up to 32 MiB then come from the heap and freed memory stays
-    for the next step (the host slabs are our own mappings, not malloc's). glibc only; once per
-    process; HORIZON_MALLOC_TUNING=0 leaves the allocator as it is. True when applied."""
-    global _tuned
-    if _tuned or os.environ.get("HORIZON_MALLOC_TUNING", "1") == "0":
-        return _tuned
+def set_malloc_policy(policy: str) -> str:
+    """Applies a `MALLOC_POLICIES` entry to this process's glibc allocator (the host slabs are
+    our own mappings, not malloc's). Returns "" when applied, else why not: not glibc, or left
+    alone (MALLOC_MMAP_THRESHOLD_ set, or HORIZON_MALLOC_TUNING=0). The last call wins."""
+    global _policy
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return "MALLOC_MMAP_THRESHOLD_ is set: left as it is"
+    if os.environ.get("HORIZON_MALLOC_TUNING", "1") == "0":
+        return "HORIZON_MALLOC_TUNING=0: left as it is"
+    if _policy == policy:
+        return ""
+    mmap_threshold, trim = MALLOC_POLICIES[policy]
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
-    except (OSError, AttributeError):
-        ok = False
-    _tuned = ok
-    return ok
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+            return "not glibc"
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+        if ok and trim is not None:
+            ok = libc.mallopt(_M_TRIM_THRESHOLD, trim) == 1
+    except (OSError, AttributeError) as e:
+        return f"mallopt unavailable: {e}"
+    if not ok:
+        return "mallopt refused"
+    _policy = policy
+    return ""

@@ -42,6 +42,7 @@ import torch
 from .. import _native
 from ..errors import HorizonError
 from ..models import init_tensor_
+from .ledger import set_malloc_policy
 from .pipeline import _SLOT_TIMEOUT_S, GradientLanding
 from .state import HostLayer, HostModel, check_state_sources, read_state_range
 
@@ -174,28 +175,6 @@ def check_offload_dir(offload_dir, need_bytes: int) -> tuple[Path, bool, str]:
 
 
 # ----------------------------------------------------------------------------- the model
-MMAP_THRESHOLD = 1 << 20
-
-
-def _return_large_frees_to_the_os() -> str:
-    """Fixes glibc's mmap threshold at 1 MiB (as MALLOC_MMAP_THRESHOLD_ would): every buffer
-    that large, such as the engine's per-layer accumulators and autograd's gradients on the CPU
-    device, is its own mapping and goes back to the OS when freed. glibc's default raises the
-    threshold to the largest size freed (up to 32 MiB), after which layer-sized buffers come
-    from the heap, whose fragments stay resident: the peak RSS then grows with the depth
-    instead of staying one layer's worth. Returns why not, where it does not apply."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return "MALLOC_MMAP_THRESHOLD_ is set: left as it is"
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-            return "not glibc"
-        M_MMAP_THRESHOLD = -3
-        return "" if libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 else "mallopt refused"
-    except (OSError, AttributeError) as e:
-        return f"mallopt unavailable: {e}"
 
 
 class TierSlab:
@@ -235,6 +214,8 @@ def _wait(tickets) -> None:
 class TieredHostModel(HostModel):
     """A model whose optimizer state lives in files under `offload_dir` (see the module)."""
 
+    malloc_policy = "return"  # engine/ledger.py MALLOC_POLICIES: a small resident size
+
     def __init__(self, spec, offload_dir, *, with_grad: bool, pin: bool, compute_dtype: torch.dtype,
                  staging_bytes: int | None = None, durability: str | None = None, io: str | None = None,
                  landing_slots: int = 2):
@@ -260,7 +241,7 @@ class TieredHostModel(HostModel):
         path, direct, self.direct_note = check_offload_dir(offload_dir, sizes["disk_bytes"])
         self.offload_dir = path
         self.sizes = sizes
-        self.malloc_note = _return_large_frees_to_the_os()
+        self.malloc_note = set_malloc_policy(self.malloc_policy)
         super().__init__(spec, with_grad=False, pin=pin)
         durability = durability or _env_choice("HORIZON_OFFLOAD_SYNC", ("layer", "step"), "layer")
         io = io or _env_choice("HORIZON_OFFLOAD_IO", ("auto", "uring", "threads"), "auto")

@@ -29,7 +29,7 @@ from ..errors import HorizonError
 from ..kernels.rope import RotaryEmbedding
 from ..models import layer_active_parameters, micro_batch_inputs, shift_labels
 from .activations import ActivationBudget, ActivationStore, HostPlacement, KeptUnit, step_flops, tensor_storages
-from .ledger import MemoryLedger, SavedActivations, host_memory, tensor_bytes, tune_host_allocator
+from .ledger import MemoryLedger, SavedActivations, host_memory, set_malloc_policy, tensor_bytes
 from .pipeline import GradientLanding, WeightStream
 from .state import HostLayer, HostModel
 
@@ -157,7 +157,7 @@ class LayerMajorEngine:
         self.loss_chunk_size = loss_chunk_size
         self._cuda = device.type == "cuda"
         if not self._cuda:
-            tune_host_allocator()
+            set_malloc_policy(model.malloc_policy)
         self.device_ledger = MemoryLedger()
         self.host_ledger = MemoryLedger()
 

@@ -73,6 +73,10 @@ class HostLayer:
 class HostModel:
     """All layers' slabs, in forward order: embedding, blocks, head."""
 
+    # The host allocator's policy on the CPU device (engine/ledger.py MALLOC_POLICIES): keep a
+    # step's freed blocks for the next step. The disk tier's model asks for the opposite.
+    malloc_policy = "retain"
+
     def __init__(self, spec: ModelSpec, *, with_grad: bool, pin: bool):
         from ..store import SlabLayout
 
