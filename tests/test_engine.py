@@ -424,16 +424,6 @@ def test_one_host_read_per_step_and_persistent_buffers(monkeypatch, grad_clip, t
     assert len(made) == 1 and len(engine._ckpt_stores) == 1
 
 
-def test_landing_slots_needed():
-    from horizon.engine.schedule import landing_slots_needed
-
-    assert landing_slots_needed(1.0, 2.0, cap=8) == 2  # AdamW keeps up: double buffering
-    assert landing_slots_needed(2.0, 2.0, cap=8) == 2
-    assert landing_slots_needed(3.1, 1.0, cap=8) == 5
-    assert landing_slots_needed(50.0, 1.0, cap=8) == 8
-    assert landing_slots_needed(0.0, 1.0, cap=8) == 2 and landing_slots_needed(1.0, 0.0, cap=8) == 2
-
-
 def test_state_tensors_round_trip_reproduces_training():
     cfg = _tiny()
     a = horizon.Trainer.from_config(cfg, device="cpu", seed=3, lr=1e-2)

@@ -175,18 +175,6 @@ class GradientLanding:
     def host_bytes(self) -> int:
         return sum(s.numel() * 4 for s in self._slots)
 
-    def resize(self, n_slots: int) -> None:
-        """Grows the ring to `n_slots` (never shrinks); waits for every queued job first."""
-        from ..store import host_buffer
-
-        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
-            raise HorizonError(f"landing slots must be an int >= 1, got {n_slots!r}")
-        if n_slots <= self.n_slots:
-            return
-        self.wait_all()
-        self._slots += [host_buffer(self.slot_numel, torch.float32) for _ in range(n_slots - self.n_slots)]
-        self._ring = _native.SlotRing(n_slots)
-
     @property
     def skipped_updates(self) -> int:
         """AdamW updates the workers skipped for non-finite gradients (process-wide pipeline)."""

@@ -19,7 +19,6 @@ copy that AdamW writes when it is bf16.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -32,20 +31,6 @@ from .activations import ActivationBudget, ActivationStore, HostPlacement, KeptU
 from .ledger import MemoryLedger, SavedActivations, host_memory, set_malloc_policy, tensor_bytes
 from .pipeline import GradientLanding, WeightStream
 from .state import HostLayer, HostModel
-
-
-# The landing ring never grows past this many slots (each holds the largest layer's fp32
-# gradient in page-locked host memory).
-MAX_AUTO_LANDING_SLOTS = 8
-
-
-def landing_slots_needed(adam_s_per_layer: float, layer_s: float, *, cap: int) -> int:
-    """Landing slots so the step's thread does not wait for AdamW: one slot is being filled
-    while the others wait for (or are in) AdamW, which frees one every `adam_s_per_layer`
-    while the backward brings one every `layer_s`; at least 2, at most `cap`."""
-    if not (adam_s_per_layer > 0 and layer_s > 0):
-        return 2
-    return max(2, min(int(cap), math.ceil(adam_s_per_layer / layer_s) + 1))
 
 
 def _accumulate(acc: torch.Tensor, grad: torch.Tensor, *, first: bool) -> None:
@@ -192,15 +177,6 @@ class LayerMajorEngine:
         self.host_syncs = 0  # device -> host reads that wait for the device (one per step)
         self._ckpt_stores: dict = {}
         self._offload_by_tokens: dict = {}
-        # Landing ring sizing (landing_slots=None): measured on a step, decided once.
-        self._landing_auto = landing_slots is None
-        self._steps_seen = 0
-        self._bwd_landings = 0
-        self._bwd_host = [0.0, 0.0]
-        self._bwd_events = ((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                            if self._cuda else None)
-        self._adam_busy0 = 0.0
-        self._adam_elems0 = 0
 
         if offload_checkpoints is None:
             offload_checkpoints = True if not self._cuda else None  # CUDA: decided per step by size
@@ -537,7 +513,6 @@ class LayerMajorEngine:
                 loss_t = loss_t + aux_scale * (route_counts * route_probs).sum()
 
             norms = []
-            self._bwd_mark(0)
             self._land(head, head_acc, norms, step=step, hyper=hyper)
             del head_acc
 
@@ -611,7 +586,6 @@ class LayerMajorEngine:
             self.device_ledger.drop("grads-out")
             self._land(embed, eacc, norms, step=step, hyper=hyper)
             self._flush_landings()
-            self._bwd_mark(1, landings=len(layers))
             del eacc, tied_acc
 
             self._count_flops(n_rows * seq, len(ids_all))
@@ -697,59 +671,6 @@ class LayerMajorEngine:
         """The step's device -> host reads go through here (counted in `host_syncs`)."""
         self.host_syncs += 1
         return t.tolist()
-
-    # ------------------------------------------------------------------ the landing ring's size
-    def _bwd_mark(self, which: int, landings: int = 0) -> None:
-        """Times the backward (start: 0, end: 1), on the device's clock on CUDA."""
-        if self._cuda:
-            self._bwd_events[which].record(torch.cuda.current_stream(self.device))
-        else:
-            self._bwd_host[which] = time.perf_counter()
-        if which == 0:
-            self._adam_busy0 = self.pipeline.busy_seconds("optimizer")
-            self._adam_elems0 = self.landing.adam_elements
-        else:
-            self._bwd_landings = landings
-
-    def _landing_rates(self):
-        """(AdamW seconds per landed layer, backward seconds per layer) of the last step, or
-        None when not measurable without waiting for the device. Called once the last step's
-        AdamW jobs are done."""
-        if not self._bwd_landings:
-            return None
-        if self._cuda:
-            start, end = self._bwd_events
-            if not end.query():
-                return None
-            bwd_s = start.elapsed_time(end) * 1e-3
-        else:
-            bwd_s = self._bwd_host[1] - self._bwd_host[0]
-        elems = self.landing.adam_elements - self._adam_elems0
-        busy = self.pipeline.busy_seconds("optimizer") - self._adam_busy0
-        if elems <= 0 or bwd_s <= 0 or busy <= 0:
-            return None
-        return busy / self._bwd_landings, bwd_s / self._bwd_landings
-
-    def _size_landing_ring(self) -> None:
-        """Auto-sized landing ring: after the second step (the first is warm-up), from the
-        measured AdamW time per layer against the backward's time per layer, the ring grows
-        (once) to as many slots as AdamW falls behind in a step, so the step's thread does
-        not block on a slot while the device could go on. Only without clipping: with it the
-        gradients land in the slabs' own buffers."""
-        if not self._landing_auto or self.grad_clip is not None:
-            return
-        self._steps_seen += 1
-        if self._steps_seen < 3:
-            return
-        self._landing_auto = False  # decided once
-        self.landing.wait_all()  # the last step's AdamW jobs: their time is then all counted
-        rates = self._landing_rates()
-        if rates is None:
-            return
-        want = landing_slots_needed(*rates, cap=min(MAX_AUTO_LANDING_SLOTS, len(self.model.layers)))
-        if want > self.landing.n_slots:
-            self.landing.resize(want)
-            self.host_ledger.hold("landing-slots", self.landing.host_bytes)
 
     # ------------------------------------------------------------------ data-parallel hooks
     # A single process runs the defaults below; `engine.distributed.DataParallelEngine`
