@@ -379,6 +379,9 @@ class ShardedHostModel(HostModel):
 class DataParallelEngine(LayerMajorEngine):
     """The layer-major engine on one rank of a data-parallel group (see the module doc)."""
 
+    # The node-shared weight copy is refreshed by the ranks' updates: streamed as copies.
+    alias_host_weights = False
+
     def __init__(self, model: ShardedHostModel, device, compute_dtype, **kwargs):
         if not isinstance(model, ShardedHostModel):
             raise HorizonError("DataParallelEngine needs a ShardedHostModel")

@@ -47,7 +47,8 @@ class WeightStream:
     overwritten once the compute queued so far has used it).
     """
 
-    def __init__(self, n_slots: int, slot_numel: int, device, dtype: torch.dtype, *, pipeline=None):
+    def __init__(self, n_slots: int, slot_numel: int, device, dtype: torch.dtype, *, pipeline=None,
+                 alias_host: bool = False):
         if n_slots < 2:
             raise HorizonError(f"WeightStream needs at least 2 slots, got {n_slots}")
         if slot_numel <= 0:
@@ -64,6 +65,11 @@ class WeightStream:
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self.bytes_h2d = 0
         self.wait_seconds = 0.0
+        # The CPU device, when the caller guarantees the sources are not written while a layer
+        # is in a slot (the engine: updates wait for the step's verdict, and a layer's next read
+        # waits for its update): the "slot" is the source itself, no copy. The slot protocol
+        # and the byte count (the stream's logical traffic) stay as they are.
+        self.alias_host = bool(alias_host) and not self._cuda
 
     @property
     def n_slots(self) -> int:
@@ -97,6 +103,8 @@ class WeightStream:
                 dst.copy_(src, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(self._stream)
+        elif self.alias_host:
+            done = None
         else:
             done = self._pipe.copy("h2d", dst.data_ptr(), src.data_ptr(), n * src.element_size())
         self._pending[key] = [slot, done, src, n, False]
@@ -106,9 +114,12 @@ class WeightStream:
         entry = self._pending.get(key)
         if entry is None:
             raise HorizonError(f"layer {key!r} was not prefetched")
-        slot, done, _src, n, _ = entry
+        slot, done, src, n, _ = entry
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_event(done)
+        elif done is None:  # alias_host
+            entry[4] = True
+            return src
         else:
             t0 = time.perf_counter()
             done.wait()
@@ -121,7 +132,7 @@ class WeightStream:
         if entry is None:
             raise HorizonError(f"layer {key!r} holds no slot")
         slot, done, _src, _n, acquired = entry
-        if not acquired and not self._cuda:
+        if not acquired and not self._cuda and done is not None:
             done.wait()  # never hand out a slot a copy is still writing
         if self._cuda:
             ev = torch.cuda.Event()

@@ -111,6 +111,10 @@ class _Streamer:
 
 
 class LayerMajorEngine:
+    # The CPU device: blocks compute on their host weights in place (WeightStream alias_host):
+    # the copy into a slot would be a memcpy of the same memory. Safe because a step's updates
+    # wait for its verdict and a layer's next read waits for its update (`_before_forward_read`).
+    alias_host_weights = True
     def __init__(
         self,
         model: HostModel,
@@ -155,7 +159,8 @@ class LayerMajorEngine:
         max_numel = max(layer.numel for layer in model.layers)
         # One pipeline (three worker lanes) per engine, so its counters are this engine's.
         self.pipeline = _native.Pipeline()
-        self.stream = WeightStream(n_slots, max_numel, device, compute_dtype, pipeline=self.pipeline)
+        self.stream = WeightStream(n_slots, max_numel, device, compute_dtype, pipeline=self.pipeline,
+                                   alias_host=self.alias_host_weights)
         make_landing = getattr(model, "make_landing", None)  # the disk tier brings its own
         self.landing = (make_landing or GradientLanding)(landing_slots or 2, max_numel, device, pipeline=self.pipeline)
         self.device_ledger.hold("weight-slots", self.stream.device_bytes)
