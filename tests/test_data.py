@@ -118,6 +118,10 @@ def test_chat_jsonl_masks_everything_but_assistant_turns(tmp_path, tok):
         ref_mask = np.asarray(want_mask[w * 8:(w + 1) * 8], dtype=bool)
         assert (ids == ref_ids).all()
         assert (labels == np.where(ref_mask, ref_ids, IGNORE_INDEX)).all()
+    # What the trainer gets: the batch carries these labels (None would train every token).
+    ids_b, labels_b = ds.batch(0, 2)
+    assert labels_b is not None and (labels_b.numpy() == np.stack([ds.sample(0)[1], ds.sample(1)[1]])).all()
+    assert (labels_b == IGNORE_INDEX).any()
 
 
 def test_cache_is_reused_and_rebuilt_when_data_or_tokenizer_change(tmp_path, tok, monkeypatch):
@@ -188,6 +192,9 @@ def test_packing_and_shuffle_are_deterministic_permutations(tmp_path, tok):
     assert all((again.sample(k)[0] == ds.sample(k)[0]).all() for k in range(2 * n))
     other = PackedDataset(files, seq_len=S, seed=8)
     assert [int(x) for x in other.permutation(0)] != [int(x) for x in ds.permutation(0)]
+    # Each epoch its own order (drawn from (seed, epoch)), not the first one repeated.
+    orders = {tuple(int(x) for x in ds.permutation(e)) for e in range(4)}
+    assert len(orders) == 4
     ids, labels = ds.batch(3, 4)
     assert tuple(ids.shape) == (4, S) and labels is None
     assert (ids[1].numpy() == ds.sample(4)[0]).all()

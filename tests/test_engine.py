@@ -356,6 +356,22 @@ def test_host_bytes_within_footprint(grad_clip):
     assert p * per_param <= peak <= p * per_param + padding + landing + checkpoints
 
 
+def test_a_clip_threshold_above_the_norm_changes_nothing():
+    # The clip scale is min(1, clip / norm): a threshold the norm stays under leaves every update
+    # exactly as without clipping (a scale without the min would blow small gradients up to it).
+    ids = [torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    runs = {}
+    for clip in (None, 1e6):
+        trainer = horizon.Trainer.from_config(_tiny(), device="cpu", lr=1e-2, grad_clip=clip)
+        losses = [trainer.train_step(x) for x in ids]
+        trainer.synchronize()
+        runs[clip] = (losses, {k: v.clone() for k, v in trainer.state_tensors().items()}, trainer.last_grad_norm)
+    assert runs[1e6][2] < 1e6
+    assert runs[1e6][0] == runs[None][0]
+    for k, v in runs[None][1].items():
+        assert torch.equal(runs[1e6][1][k], v), k
+
+
 def test_non_finite_loss_skips_the_step():
     trainer = horizon.Trainer.from_config(_tiny(), device="cpu", lr=1e-2)
     ids = torch.randint(0, VOCAB, (2, SEQ))
@@ -375,7 +391,8 @@ def test_non_finite_loss_skips_the_step():
 
 
 @pytest.mark.parametrize("grad_clip", [None, 1.0])
-def test_non_finite_loss_with_finite_gradients_changes_nothing(monkeypatch, grad_clip):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_loss_with_finite_gradients_changes_nothing(monkeypatch, grad_clip, bad):
     """The loss is read once, at the end of the step; without clipping the layers' AdamW jobs
     run before that, and a gate voids them: here the loss alone is NaN (a constant added
     to it), every gradient finite, so only the gate can keep the state unchanged."""
@@ -385,8 +402,8 @@ def test_non_finite_loss_with_finite_gradients_changes_nothing(monkeypatch, grad
     state = {k: v.clone() for k, v in trainer.state_tensors().items()}
     head = trainer.model.layers[-1].defn.template
     loss_sum = head.loss_sum
-    monkeypatch.setattr(head, "loss_sum", lambda *a, **k: loss_sum(*a, **k) + float("nan"))
-    assert math.isnan(trainer.train_step(ids))
+    monkeypatch.setattr(head, "loss_sum", lambda *a, **k: loss_sum(*a, **k) + bad)
+    assert not math.isfinite(trainer.train_step(ids))  # NaN, +Inf and -Inf alike
     assert trainer.last_step_skipped and trainer.step == 1 and math.isfinite(trainer.last_grad_norm)
     for k, v in trainer.state_tensors().items():
         assert torch.equal(v, state[k]), k

@@ -2,6 +2,8 @@
 loop (CPU), and the CUDA kernels against the reference (gpu)."""
 
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,22 @@ def _poison_outputs(monkeypatch):
     from horizon.kernels import _common
 
     monkeypatch.setattr(_common, "POISON", True)
+
+
+def _capacity(capacity_factor, tokens, top_k, num_experts):
+    """The oracle's own expert capacity, from the documented formula (docs: ceil(cf x T x k / E)),
+    never the code under test's."""
+    if capacity_factor is None:
+        return None
+    return int(math.ceil(capacity_factor * tokens * top_k / num_experts))
+
+
+def test_capacity_is_the_documented_ceiling():
+    from horizon.kernels.moe.reference import capacity_of
+
+    # 1.25 x 10 x 2 / 3 = 8.33: the ceiling (9) keeps a token the floor (8) would drop.
+    assert capacity_of(1.25, 10, 2, 3) == 9 == _capacity(1.25, 10, 2, 3)
+    assert capacity_of(1.0, 8, 2, 4) == 4 and capacity_of(None, 8, 2, 4) is None
 
 
 def rel(a, b):
@@ -132,7 +150,7 @@ def test_reference_matches_naive_loop_and_gradients(activation, capacity_factor)
     T, H, I, E, k = 11, 12, 10, 4, 2
     x, wr, w1, w3, w2 = _weights(T, H, I, E, dtype=torch.float64, seed=5, two=activation != "swiglu", scale=0.5)
     ins = [t.requires_grad_() for t in (x, wr, w1, w3, w2) if t is not None]
-    cap = moe.capacity_of(capacity_factor, T, k, E)
+    cap = _capacity(capacity_factor, T, k, E)
     y, aux = flash_moe(x, wr, w1, w3, w2, top_k=k, capacity_factor=capacity_factor, activation=activation,
                        aux_loss_coef=0.1, z_loss_coef=0.01)
     want = naive_moe(x, wr, w1, w3, w2, k, True, cap, activation)
@@ -257,7 +275,7 @@ GPU_CASES = [
 def test_gpu_kernel_state_matches_torch_twin(T, H, I, E, k, cf, skew):
     x, wr, w1, w3, w2 = _exact_router_inputs(T, H, I, E, seed=T + E, skew=skew)
     assert moe_fused.can_run(x, wr, w1, w3, w2, top_k=k, activation="swiglu")
-    cap = moe.capacity_of(cf, T, k, E)
+    cap = _capacity(cf, T, k, E)
     got = moe_fused.forward_kernel(x, wr, w1, w3, w2, k, True, cap)
     want = moe_fused.forward_torch(x, wr, w1, w3, w2, k, True, cap)
     torch.cuda.synchronize()
@@ -365,7 +383,7 @@ def test_backward_emulation_matches_autograd(T, H, I, E, k, cf, renorm, tile):
     against autograd through the reference; unwritten scratch is NaN, so a read of an element
     the kernel never writes, or an output element no tile writes, shows up."""
     ins = _bwd_case(T, H, I, E, seed=T + E)
-    cap = moe.capacity_of(cf, T, k, E)
+    cap = _capacity(cf, T, k, E)
     st = moe_fused.forward_torch(*ins, k, renorm, cap)
     counts = (st.off[1:] - st.off[:-1]).tolist()
     assert counts[E - 1] == 0  # an expert with no tokens
@@ -445,7 +463,7 @@ def test_gpu_backward_kernel_matches_autograd_through_reference(T, H, I, E, k, c
     ins = [t.cuda() for t in _bwd_case(T, H, I, E, seed=T + E, dtype=torch.bfloat16, exact=True)]
     assert moe_fused.can_run(*ins, top_k=k, activation="swiglu")
     assert native_has(moe_fused.BWD_KERNEL)
-    cap = moe.capacity_of(cf, T, k, E)
+    cap = _capacity(cf, T, k, E)
     st = moe_fused.forward_torch(*ins, k, renorm, cap)
     counts = (st.off[1:] - st.off[:-1]).tolist()
     if E > k:
@@ -529,7 +547,7 @@ def test_backward_kernel_source_on_host_threads(host_bwd, T, H, I, E, k, cf, ren
     import ctypes
 
     ins = _bwd_case(T, H, I, E, seed=T + E, dtype=torch.bfloat16, exact=True)
-    cap = moe.capacity_of(cf, T, k, E)
+    cap = _capacity(cf, T, k, E)
     st = moe_fused.forward_torch(*ins, k, renorm, cap)
     P, n = T * k, int(st.off[-1])
     outp, h = st.outp.clone(), st.h.clone()
@@ -646,7 +664,7 @@ def test_forward_kernel_source_on_host_threads(host_moe, monkeypatch, T, H, I, E
 
     host_moe.patch(monkeypatch, sms=sms, blocks_per_sm=bps)
     ins = _bwd_case(T, H, I, E, seed=T + E, dtype=torch.bfloat16, exact=True)
-    cap = moe.capacity_of(cf, T, k, E)
+    cap = _capacity(cf, T, k, E)
     want = moe_fused.forward_torch(*ins, k, renorm, cap)
     counts = (want.off[1:] - want.off[:-1]).tolist()
     if E > 2 * k:

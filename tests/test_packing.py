@@ -234,3 +234,12 @@ def test_no_eval_data_means_no_eval_batches(tmp_path):
     f.write_text("the quick brown fox jumps over the lazy dog\n" * 20)
     td = load_training_data(DataConfig(data=[str(f)]), tok, seq_len=32, seed=0)
     assert td.eval is None and list(td.eval_batches(4)) == []
+
+
+def test_each_epoch_visits_the_sequences_in_its_own_order():
+    from horizon.data.packing import DocumentDataset
+
+    ds = DocumentDataset(synth_files(3), seq_len=64, seed=5)
+    orders = [tuple(int(x) for x in ds.permutation(e)) for e in range(4)]
+    assert len(set(orders)) == 4  # drawn from (seed, epoch), not one order repeated
+    assert all(sorted(o) == list(range(ds.n_sequences)) for o in orders)

@@ -571,3 +571,37 @@ def test_a_missing_peer_is_named_and_times_out(monkeypatch, capfd):
         assert "127.0.0.1:" in lines[0] and "--rendezvous-timeout" in lines[0]
         assert lines[1].startswith(f"horizon: error: rank {rank} of 2: the process group did not form within 2 s")
         assert not hdist.is_initialized()
+
+
+def test_resume_after_a_skipped_step_keeps_the_adamw_step_count(tmp_path, monkeypatch):
+    # A step skipped before the checkpoint leaves the optimizer one step behind the run's step
+    # counter; the resumed run must go on from the optimizer's count (AdamW's bias correction),
+    # or it ends apart from the uninterrupted run.
+    from horizon.engine import schedule
+
+    calls = {"n": 0, "poison": {2}}
+    read = schedule.LayerMajorEngine._host_read
+
+    def poisoned(self, t):
+        out = read(self, t)
+        calls["n"] += 1
+        if calls["n"] in calls["poison"]:
+            out[0] = float("nan")  # the step's loss: the whole step is skipped
+        return out
+
+    monkeypatch.setattr(schedule.LayerMajorEngine, "_host_read", poisoned)
+    opts = [*TINY, "--lr", "3e-3", "--save-every", "4", "--decay-steps", "8"]  # one schedule for both
+    straight = tmp_path / "straight"
+    assert cli_main(["train", *opts, "--steps", "8", "--out", str(straight)]) == 0
+    calls["n"] = 0
+    run = tmp_path / "run"
+    assert cli_main(["train", *opts, "--steps", "4", "--out", str(run)]) == 0
+    assert _meta(ckpt.latest_checkpoint(run))["trainer_step"] == 3  # run step 4, AdamW step 3
+    calls.update(n=0, poison=set())
+    assert cli_main(["train", "--resume", "--out", str(run), "--steps", "8"]) == 0
+    a, b = _rows(straight), _rows(run)
+    assert [r["skipped"] for r in a] == [r["skipped"] for r in b] == [False, True] + [False] * 6
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    sa = ckpt.load_checkpoint(ckpt.latest_checkpoint(straight))[0]
+    sb = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))[0]
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
