@@ -80,6 +80,21 @@ def test_gpu_tests_driver_costs_a_hanging_test_one_test(tmp_path):
     assert r.returncode == 1 and "timeout  " in r.stdout
 
 
+def test_gpu_tests_driver_with_skips_fail_fails_a_run_where_tests_skipped(tmp_path):
+    # gpu-check.sh passes --skips-fail: on a GPU machine a skipped GPU test (no CUDA there, a
+    # missing kernel) is a failure of the check, not a pass.
+    _write_tests(tmp_path / "suite", "import pytest\n"
+                 "def test_a():\n    pass\n"
+                 "@pytest.mark.skip(reason='no CUDA GPU on this machine')\ndef test_b():\n    pass\n")
+    for flag, rc in (([], 0), (["--skips-fail"], 1)):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_tests.py"), "--budget", "60", "--per-test", "20",
+                            *flag, "--results", str(tmp_path / "r.jsonl"), "--", str(tmp_path / "suite")],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == rc, (flag, r.stdout)
+    assert "1 of 2 tests skipped" in r.stdout
+    assert "--skips-fail" in (ROOT / "scripts" / "gpu-check.sh").read_text()
+
+
 def test_gpu_tests_driver_stops_at_its_budget(tmp_path):
     _write_tests(tmp_path / "suite", "import time\n" + "".join(f"def test_{i}():\n    time.sleep(2)\n" for i in range(6)))
     results = tmp_path / "results.jsonl"
