@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .data.config import DataConfig
 from .engine.config import EngineConfig, check_micro_batch
-from .engine.activations import step_flops
+from .engine.activations import offload_cheaper, step_flops
 from .engine.ledger import host_memory
 from .errors import HorizonError
 from .models import layer_active_parameters, layer_defs, resolve
@@ -270,7 +270,7 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
                           - max(GIB, machine.host_bytes // 10))
 
         def cheaper(key, nbytes, t):
-            return nbytes / h2d < 2 * active[key] * t / flops
+            return offload_cheaper(nbytes, active[key], t, h2d, flops)
     acts = activation_plan(s, batch_size=batch_size, seq_len=seq_len, micro_batch=mb, elem=c, budget=budget,
                            active=active, math_attention=machine.device == "cpu", host_budget=host_budget,
                            cheaper=cheaper)

@@ -114,6 +114,21 @@ class _SlotRef:
         self.offset, self.size, self.stride = offset, size, stride
 
 
+def param_leaves(layout, slot: torch.Tensor) -> dict:
+    """name -> a leaf tensor (requires grad) over the parameter's place in `slot`. A block's
+    gradient is asked per parameter: through views of one flat leaf, autograd would build a
+    zero-filled slot-sized gradient for every view and add them up (about 2x a block's backward
+    on the CPU at 12M parameters a block)."""
+    return {name: v.detach().requires_grad_() for name, v in layout.views(slot).items()}
+
+
+def offload_cheaper(nbytes: int, active_params: int, tokens: int, h2d_bps: float, flops_per_s: float) -> bool:
+    """The cost model of placement "offload" (engine and plan alike): bringing a unit's
+    `nbytes` back to the device takes less than recomputing its forward (2 FLOPs per active
+    parameter and token)."""
+    return nbytes / h2d_bps < 2 * active_params * tokens / flops_per_s
+
+
 class _HostRef:
     """A saved tensor copied to host memory (placement "offload"): its index in the unit's list."""
 
@@ -157,7 +172,7 @@ class KeptUnit:
 
     def params(self, layout) -> dict:
         """name -> the unit's leaf for each parameter (requires grad), over the forward's slot."""
-        self.leaves = {name: v.detach().requires_grad_() for name, v in layout.views(self._alias).items()}
+        self.leaves = param_leaves(layout, self._alias)
         return self.leaves
 
     def _pack(self, t: torch.Tensor):

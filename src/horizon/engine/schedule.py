@@ -27,7 +27,8 @@ from .. import _native, kernels
 from ..errors import HorizonError
 from ..kernels.rope import RotaryEmbedding
 from ..models import layer_active_parameters, micro_batch_inputs, shift_labels
-from .activations import ActivationBudget, ActivationStore, HostPlacement, KeptUnit, step_flops, tensor_storages
+from .activations import (ActivationBudget, ActivationStore, HostPlacement, KeptUnit, offload_cheaper,
+                          param_leaves, step_flops, tensor_storages)
 from .ledger import MemoryLedger, SavedActivations, host_memory, set_malloc_policy, tensor_bytes
 from .pipeline import GradientLanding, WeightStream
 from .state import HostLayer, HostModel
@@ -39,14 +40,6 @@ def _accumulate(acc: torch.Tensor, grad: torch.Tensor, *, first: bool) -> None:
         acc.copy_(grad)
     else:
         kernels.accumulate_grad_(acc, grad)
-
-
-def param_leaves(layout, slot: torch.Tensor) -> dict:
-    """name -> a leaf tensor (requires grad) over the parameter's place in `slot`. A block's
-    gradient is asked per parameter: through views of one flat leaf, autograd would build a
-    zero-filled slot-sized gradient for every view and add them up (about 2x a block's backward
-    on the CPU at 12M parameters a block)."""
-    return {name: v.detach().requires_grad_() for name, v in layout.views(slot).items()}
 
 
 def accumulate_param_grads(acc: torch.Tensor, layout, grads: list, *, first: bool) -> None:
@@ -315,7 +308,7 @@ class LayerMajorEngine:
         """The cost model of placement "offload": bringing a unit's `nbytes` back to the device
         takes less than recomputing its forward (2 FLOPs per active parameter and token)."""
         h2d, flops = self._device_rates()
-        return nbytes / h2d < 2 * self._active[key] * self._unit_tokens / flops
+        return offload_cheaper(nbytes, self._active[key], self._unit_tokens, h2d, flops)
 
     def _count_flops(self, n_tokens: int, n_mb: int) -> None:
         per_mb = n_tokens / max(1, n_mb)
