@@ -38,6 +38,10 @@ CASES = {
     # shard only); a single process skips that step whole (every layer), so must both ranks.
     "nan_grad": dict(tie=False, rows=4, micro_batch_size=2, grad_clip=None, compute_dtype="float32", shared=True,
                      nan_step=2),
+    # The same NaN from rank 1's micro-batches only (its forward alone is poisoned): the
+    # all-reduce carries it into rank 0's shard, and both ranks still skip the step whole.
+    "nan_one_rank": dict(tie=False, rows=4, micro_batch_size=2, grad_clip=None, compute_dtype="float32",
+                         shared=True, nan_step=2, nan_rank=1),
     # Mixtral with HF's load-balancing loss: its routing statistics span both ranks' tokens.
     "moe_aux": dict(tie=False, rows=4, micro_batch_size=1, grad_clip=None, compute_dtype="float32", shared=True,
                     moe=True),
@@ -100,12 +104,15 @@ def _trainer(case, **extra):
                                        compute_dtype=c["compute_dtype"], **HP, **extra)
 
 
-def _run(trainer, batches, case=None, after_step=None):
+def _run(trainer, batches, case=None, after_step=None, rank=None):
+    """rank: this process's rank under data parallelism (a case's `nan_rank` poisons that rank
+    only); None for the single process, which poisons its whole step."""
     losses, norms = [], []
     nan_step = CASES[case].get("nan_step") if case else None
+    poisons = rank is None or CASES[case].get("nan_rank", rank) == rank
     template = trainer.model.layers[1].defn.template
     for i, (ids, labels) in enumerate(batches):
-        if i + 1 == nan_step:
+        if i + 1 == nan_step and poisons:
             template.forward = _poisoned_forward(template)  # this instance only, this step only
         try:
             losses.append(trainer.train_step(ids, labels))
@@ -139,7 +146,7 @@ def _worker(out_dir: str) -> None:
 
                         save_file(tensors, os.path.join(out_dir, "resume.safetensors"))
 
-            losses, norms = _run(trainer, _batches(CASES[case]["rows"]), case, checkpoint)
+            losses, norms = _run(trainer, _batches(CASES[case]["rows"]), case, checkpoint, rank=rank)
             final = {k: v for k, v in trainer.state_tensors().items() if k.endswith(".master")}
             if hdist.is_rank0():
                 torch.save(final, os.path.join(out_dir, f"final-{case}.pt"))

@@ -164,47 +164,56 @@ def test_rope_forward_and_backward(dev, monkeypatch, B, S, nq, nk, D, tables, sm
 # ---------------------------------------------------------------- cross-entropy rows
 
 
+@pytest.mark.parametrize("ignore", [-100, 7])
 @pytest.mark.parametrize("dtype,V,reduction,chunk", [(torch.bfloat16, 37, "mean", 4), (torch.float32, 64, "sum", 5),
                                                      (torch.float32, 50, "mean", None)])
-def test_fused_cross_entropy_rows(dev, dtype, V, reduction, chunk):
+def test_fused_cross_entropy_rows(dev, dtype, V, reduction, chunk, ignore):
+    """ignore = 7: an ignore_index inside the vocabulary (the kernel must compare with it, not
+    take "negative" for "ignored")."""
     N, H = 11, 24
     g = torch.Generator().manual_seed(V)
     h = torch.randn(N, H, generator=g).to(dtype)
     w = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
     labels = torch.randint(0, V, (N,), generator=g)
-    labels[3] = labels[8] = -100
+    labels[labels == ignore] = ignore + 1
+    labels[3] = labels[8] = ignore
     hs, ws = fake(h).requires_grad_(), fake(w).requires_grad_()
-    loss = K.fused_linear_cross_entropy(hs, ws, fake(labels), reduction=reduction, chunk_size=chunk)
+    loss = K.fused_linear_cross_entropy(hs, ws, fake(labels), ignore_index=ignore, reduction=reduction,
+                                        chunk_size=chunk)
     dh, dw = torch.autograd.grad(loss, (hs, ws))
     kernel = "horizon_ce_rows_bf16" if dtype == torch.bfloat16 else "horizon_ce_rows_f32"
     assert set(launched(dev)) == {kernel}
     assert len(dev.launches) == -(-N // (chunk or N))
     assert all(grid == (min(chunk or N, N - i * (chunk or N)),) for i, (_, grid, _, _) in enumerate(dev.launches))
     hf, wf = h.float().requires_grad_(), w.float().requires_grad_()
-    want = F.cross_entropy(hf @ wf.t(), labels, ignore_index=-100, reduction=reduction)
+    want = F.cross_entropy(hf @ wf.t(), labels, ignore_index=ignore, reduction=reduction)
     wdh, wdw = torch.autograd.grad(want, (hf, wf))
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     assert abs(loss.item() - want.item()) <= tol * abs(want.item())
     assert rel(dh, wdh) < tol and rel(dw, wdw) < tol
 
 
+@pytest.mark.parametrize("ignore", [-100, 7])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_ce_rows_kernel_against_reference_with_ignored_and_bad_labels(dev, dtype):
+def test_ce_rows_kernel_against_reference_with_ignored_and_bad_labels(dev, dtype, ignore):
     """The row step alone, as _rows launches it: loss, in-place gradient; an out-of-range label
-    gives a NaN loss and a zero gradient row."""
+    gives a NaN loss and a zero gradient row. With ignore_index = 7 a label 7 is ignored and a
+    label -100 is out of range like any other negative label."""
     C, V = 6, 45
     logits = (torch.randn(C, V, generator=torch.Generator().manual_seed(11)) * 3).to(dtype)
-    labels = torch.tensor([0, 44, -100, 7, 45, 20])
+    labels = torch.tensor([0, 44, ignore, 3, 45, 20 if ignore == -100 else -100])
     scale = torch.tensor(0.25)
-    loss, grad = cross_entropy._rows(fake(logits.clone()), fake(labels), -100, fake(scale))
+    loss, grad = cross_entropy._rows(fake(logits.clone()), fake(labels), ignore, fake(scale))
     assert launched(dev) == ["horizon_ce_rows_bf16" if dtype == torch.bfloat16 else "horizon_ce_rows_f32"]
-    ok = torch.tensor([True, True, True, True, False, True])
-    rl, rg = cross_entropy._rows_reference(logits[ok], labels[ok], -100, scale)
+    ok = torch.tensor([True, True, True, True, False, ignore == -100])
+    rl, rg = cross_entropy._rows_reference(logits[ok], labels[ok], ignore, scale)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert rel(loss[ok], rl) < 1e-5  # fp32 math on the same input values
     assert rel(grad[ok].float(), rg) < tol
-    assert loss[4].isnan() and loss[2] == 0
-    assert (grad[4] == 0).all() and (grad[2] == 0).all()
+    assert loss[2] == 0 and (grad[2] == 0).all()  # the ignored row
+    bad = [4] if ignore == -100 else [4, 5]
+    for r in bad:
+        assert loss[r].isnan() and (grad[r] == 0).all()
 
 
 # ---------------------------------------------------------------- gradient checks and accumulation
