@@ -221,6 +221,15 @@ def _poison(t):
     return t.fill_(float("nan"))
 
 
+def _counter():
+    """Launches of our kernels from here on, as the driver wrapper counted them: each GPU test
+    asserts its kernel ran (an op that fell back to torch would compare the reference with
+    itself)."""
+    from horizon import native
+
+    return native.LaunchCounter()
+
+
 @cuda
 @pytest.mark.parametrize("rows,H", [(1, 8), (37, 1000), (129, 4096), (5, 77), (3, 13000)])
 def test_gpu_rms_norm(rows, H):
@@ -230,6 +239,7 @@ def test_gpu_rms_norm(rows, H):
     torch.manual_seed(rows + H)
     x = (torch.randn(rows, H, device="cuda") * 3).bfloat16().requires_grad_()
     w = torch.randn(H, device="cuda").bfloat16().requires_grad_()
+    ran = _counter()
     y = K.rms_norm(x, w, 1e-6)
     ref = _hf_rmsnorm(x.detach().double(), w.detach().double(), 1e-6)
     assert not y.isnan().any()
@@ -240,6 +250,8 @@ def test_gpu_rms_norm(rows, H):
     rdx, rdw = torch.autograd.grad(_hf_rmsnorm(xd, wd, 1e-6), (xd, wd), g.double())
     assert not dx.isnan().any() and not dw.isnan().any()
     assert rel(dx, rdx) < 2e-2 and rel(dw, rdw) < 2e-2
+    # The backward kernel keeps a row of dW partials in shared memory: up to norm._MAX_SMEM_H.
+    assert ran.since() == {"horizon_rmsnorm_fwd": 1, **({"horizon_rmsnorm_bwd": 1} if H <= norm._MAX_SMEM_H else {})}
 
 
 @cuda
@@ -250,8 +262,10 @@ def test_gpu_rms_norm_writes_every_element():
     rstd = _poison(torch.empty(33, device="cuda"))
     from horizon import native
 
+    ran = _counter()
     native.launch("horizon_rmsnorm_fwd", (7,), (256,), [("ptr", y.data_ptr()), ("ptr", rstd.data_ptr()),
                   ("ptr", x.data_ptr()), ("ptr", w.data_ptr()), ("i64", 33), ("i32", 520), ("f32", 1e-6)])
+    assert ran.since() == {"horizon_rmsnorm_fwd": 1}
     assert not y.isnan().any() and not rstd.isnan().any()
     assert rel(y, norm.rms_norm_reference(x.double(), w.double(), 1e-6)) < 1e-2
 
@@ -270,13 +284,16 @@ def test_gpu_rope(D, strided, cos_batch):
     k.requires_grad_()
     pos = torch.stack([torch.arange(S, device="cuda") + 11 * b for b in range(cos_batch)])
     cos, sin = K.rope_cos_sin(pos, D, 10000.0, torch.bfloat16, "cuda")
+    ran = _counter()
     oq, ok = K.apply_rope(q, k, cos, sin)
+    assert ran.since() == {"horizon_rope": 2}  # q and k
     rq = rope.rope_reference(q.detach().double(), cos.double(), sin.double())
     rk = rope.rope_reference(k.detach().double(), cos.double(), sin.double())
     assert not oq.isnan().any() and not ok.isnan().any()
     assert rel(oq, rq) < 1e-2 and rel(ok, rk) < 1e-2
     gq, gk = torch.randn_like(oq), torch.randn_like(ok)
     dq, dk = torch.autograd.grad((oq, ok), (q, k), (gq, gk))
+    assert ran.since() == {"horizon_rope": 4}  # and their gradients
     assert rel(dq, rope.rope_backward_reference(gq.double(), cos.double(), sin.double())) < 1e-2
     assert rel(dk, rope.rope_backward_reference(gk.double(), cos.double(), sin.double())) < 1e-2
 
@@ -287,6 +304,7 @@ def test_gpu_swiglu(n):
     torch.manual_seed(n)
     a = (torch.randn(n, device="cuda") * 4).bfloat16().requires_grad_()
     b = torch.randn(n, device="cuda").bfloat16().requires_grad_()
+    ran = _counter()
     y = K.swiglu(a, b)
     ad, bd = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     ref = F.silu(ad) * bd
@@ -295,20 +313,26 @@ def test_gpu_swiglu(n):
     da, db = torch.autograd.grad(y, (a, b), g)
     ra, rb = torch.autograd.grad(ref, (ad, bd), g.double())
     assert rel(da, ra) < 1e-2 and rel(db, rb) < 1e-2
+    assert ran.since() == {"horizon_swiglu_fwd": 1, "horizon_swiglu_bwd": 1}
 
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("V", [1, 37, 5003])
-def test_gpu_ce_rows_kernel(dtype, V):
+@pytest.mark.parametrize("V,ignore", [(1, -100), (37, -100), (37, 5), (5003, -100), (5003, 0)])
+def test_gpu_ce_rows_kernel(dtype, V, ignore):
+    """ignore_index inside the vocabulary (5, 0): the kernel compares with it."""
     torch.manual_seed(V)
     C = 19
     logits = (torch.randn(C, V, device="cuda") * 3).to(dtype)
     labels = torch.randint(0, V, (C,), device="cuda")
-    labels[3] = -100
+    labels[labels == ignore] = ignore + 1
+    labels[3] = labels[11] = ignore
     scale = torch.tensor(0.25, device="cuda")
-    want_loss, want_grad = cross_entropy._rows_reference(logits.double(), labels, -100, scale.double())
-    loss, grad = cross_entropy._rows(logits.clone(), labels, -100, scale)
+    want_loss, want_grad = cross_entropy._rows_reference(logits.double(), labels, ignore, scale.double())
+    ran = _counter()
+    loss, grad = cross_entropy._rows(logits.clone(), labels, ignore, scale)
+    assert ran.since() == {"horizon_ce_rows_bf16" if dtype == torch.bfloat16 else "horizon_ce_rows_f32": 1}
+    assert loss[3] == 0 and (grad[3] == 0).all()
     assert not loss.isnan().any() and not grad.isnan().any()
     assert rel(loss, want_loss) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
     assert rel(grad, want_grad) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
@@ -323,7 +347,9 @@ def test_gpu_fused_linear_cross_entropy(reduction):
     w = (torch.randn(V, H, device="cuda") * 0.1).requires_grad_()
     labels = torch.randint(0, V, (N,), device="cuda")
     labels[::7] = -100
+    ran = _counter()
     loss = K.fused_linear_cross_entropy(h, w, labels, chunk_size=64, reduction=reduction)
+    assert ran.since() == {"horizon_ce_rows_f32": -(-N // 64)}
     ref = F.cross_entropy(h.double() @ w.double().t(), labels, reduction=reduction)
     assert abs(loss.item() - ref.item()) <= 1e-4 * abs(ref.item())
     d = torch.autograd.grad(loss, (h, w))
@@ -331,7 +357,9 @@ def test_gpu_fused_linear_cross_entropy(reduction):
     r = torch.autograd.grad(F.cross_entropy(hd @ wd.t(), labels, reduction=reduction), (hd, wd))
     assert rel(d[0], r[0]) < 1e-3 and rel(d[1], r[1]) < 1e-3
     # bf16 end to end.
+    ran = _counter()
     lb = K.fused_linear_cross_entropy(h.detach().bfloat16(), w.detach().bfloat16(), labels, reduction=reduction)
+    assert ran.since() == {"horizon_ce_rows_bf16": 1}  # one chunk: N x V is under the chunk's logits
     assert abs(lb.item() - ref.item()) <= 2e-2 * abs(ref.item())
 
 
@@ -341,14 +369,31 @@ def test_gpu_fused_linear_cross_entropy(reduction):
 def test_gpu_grad_sq_norm_and_finite(dtype, n):
     torch.manual_seed(n)
     t = torch.randn(n, device="cuda").to(dtype)
+    ran = _counter()
     got = K.grad_sq_norm(t)
+    suffix = "bf16" if dtype == torch.bfloat16 else "f32"
+    assert ran.since() == {f"horizon_sq_norm_partial_{suffix}": 1}
     want = t.double().pow(2).sum()
     assert got.is_cuda and abs(got.item() - want.item()) <= 1e-4 * want.item()
     assert K.all_finite(t)
     t[n // 2] = float("nan")
     assert not K.all_finite(t)
+    assert ran.since().get(f"horizon_nonfinite_{suffix}") == 2
     t[n // 2] = float("-inf")
     assert not K.all_finite([torch.ones(3, device="cuda"), t])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal this checks is the one without a GPU")
+def test_the_launch_counter_counts_only_launches_the_driver_accepted():
+    """Without a GPU every launch is refused, and a refused launch is not counted: the GPU
+    tests' "our kernel ran" cannot be satisfied by an attempt."""
+    from horizon import _native, native
+
+    ran = native.LaunchCounter()
+    for cooperative in (False, True):
+        with pytest.raises(HorizonError):
+            _native.launch("horizon_rope", (1,), (32,), 0, 0, 0, [], cooperative=cooperative)
+    assert ran.since() == {} and "horizon_rope" not in native.launch_counts()
 
 
 def test_every_kernel_the_ops_launch_is_embedded_without_spills():

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from horizon import HorizonError
+from horizon import native
 from horizon.kernels.moe import reference as moe
 from horizon.moe import flash_moe
 
@@ -276,7 +277,9 @@ def test_gpu_kernel_state_matches_torch_twin(T, H, I, E, k, cf, skew):
     x, wr, w1, w3, w2 = _exact_router_inputs(T, H, I, E, seed=T + E, skew=skew)
     assert moe_fused.can_run(x, wr, w1, w3, w2, top_k=k, activation="swiglu")
     cap = _capacity(cf, T, k, E)
+    ran = native.LaunchCounter()
     got = moe_fused.forward_kernel(x, wr, w1, w3, w2, k, True, cap)
+    assert ran.since().get(moe_fused.KERNEL) == 1  # our kernel ran: not the twin twice
     want = moe_fused.forward_torch(x, wr, w1, w3, w2, k, True, cap)
     torch.cuda.synchronize()
     assert torch.equal(got.logits, want.logits)  # exact by construction
@@ -319,7 +322,9 @@ def test_gpu_flash_moe_gradients(T, H, I, E, k, cf, skew):
     ins = _exact_router_inputs(T, H, I, E, seed=7 * T + E, skew=skew)
     kw = dict(top_k=k, capacity_factor=cf, aux_loss_coef=0.01, z_loss_coef=0.001)
     xs = [t.clone().requires_grad_() for t in ins]
+    ran = native.LaunchCounter()
     y, aux = flash_moe(*xs, **kw)  # the kernel path
+    assert ran.since().get(moe_fused.KERNEL) == 1
     # Oracle: the torch twin in fp32 (its backward is checked against autograd on the CPU).
     fs = [t.float().requires_grad_() for t in ins]
     yr, auxr = moe_fused.flash_moe_fused(*fs, use_kernel=False, **kw)
@@ -337,7 +342,9 @@ def test_gpu_flash_moe_matches_reference_on_random_weights():
     torch.manual_seed(0)
     T, H, I, E, k = 300, 128, 96, 8, 2
     x, wr, w1, w3, w2 = _weights(T, H, I, E, dtype=torch.bfloat16, device="cuda", seed=1, scale=0.1)
+    ran = native.LaunchCounter()
     y, _ = flash_moe(x, wr, w1, w3, w2, top_k=k)
+    assert ran.since().get(moe_fused.KERNEL) == 1
     yr, _ = moe_fused.flash_moe_fused(*(t.float() for t in (x, wr, w1, w3, w2)), top_k=k, use_kernel=False)
     assert rel(y, yr) < 2e-2
 
@@ -471,8 +478,10 @@ def test_gpu_backward_kernel_matches_autograd_through_reference(T, H, I, E, k, c
     kw = dict(top_k=k, renormalize=renorm, capacity_factor=cf, aux_loss_coef=0.01, z_loss_coef=0.001)
     gy = torch.randn(T, H, generator=torch.Generator().manual_seed(5)).cuda()
     xs = [t.clone().requires_grad_() for t in ins]
+    ran = native.LaunchCounter()
     y, aux = moe_fused.flash_moe_fused(*xs, use_kernel=True, backward="kernel", **kw)
     got = torch.autograd.grad((y.float() * gy).sum() + aux, xs)
+    assert ran.since().get(moe_fused.KERNEL) == 1 and ran.since().get(moe_fused.BWD_KERNEL) == 1
     fs = [t.float().requires_grad_() for t in ins]
     yr, auxr = moe.flash_moe_reference(*fs, **kw)
     want = torch.autograd.grad((yr * gy).sum() + auxr, fs)
@@ -497,7 +506,9 @@ def test_gpu_backward_kernel_matches_grouped_gemm_backward_on_one_state():
     st = moe_fused.forward_kernel(x, wr, w1, w3, w2, k, True, None)
     dy = torch.randn(T, H, device="cuda").bfloat16()
     dlogits = torch.randn(T, E, device="cuda") * 1e-2
+    ran = native.LaunchCounter()
     got = moe_fused.backward_kernel(st, dy, dlogits, x, wr, w1, w3, w2, k, True)
+    assert ran.since() == {moe_fused.BWD_KERNEL: 1}
     want = moe_fused.backward_torch(st, dy, dlogits, x, wr, w1, w3, w2, k, True)
     for name, a, b in zip(("dx", "dwr", "dw1", "dw3", "dw2"), got, want):
         assert not a.isnan().any(), name

@@ -187,6 +187,32 @@ pub enum KernelArg {
     F32(f32),
 }
 
+/// Launches the driver accepted, per kernel name, since the process started: what tests read
+/// to know that our kernel ran (an op that fell back to torch would otherwise compare the
+/// reference with itself). One uncontended lock per launch.
+fn launch_counter() -> &'static Mutex<HashMap<String, u64>> {
+    static M: OnceLock<Mutex<HashMap<String, u64>>> = OnceLock::new();
+    M.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn count_launch(name: &str) {
+    let mut m = launch_counter().lock().unwrap_or_else(|p| p.into_inner());
+    match m.get_mut(name) {
+        Some(n) => *n += 1,
+        None => {
+            m.insert(name.to_string(), 1);
+        }
+    }
+}
+
+/// (kernel name, launches the driver accepted) for every kernel launched so far.
+pub fn launch_counts() -> Vec<(String, u64)> {
+    let m = launch_counter().lock().unwrap_or_else(|p| p.into_inner());
+    let mut v: Vec<(String, u64)> = m.iter().map(|(k, n)| (k.clone(), *n)).collect();
+    v.sort();
+    v
+}
+
 /// Launches `name` from the embedded fatbin on `stream` (a raw `CUstream`, 0 = legacy
 /// default). Asynchronous: no host synchronisation; launch errors are reported.
 pub fn launch(
@@ -205,7 +231,9 @@ pub fn launch(
     check(
         unsafe { cu::launch_kernel(f, grid, block, shared_mem, stream as sys::CUstream, &mut params) },
         &format!("launch of {name}"),
-    )
+    )?;
+    count_launch(name);
+    Ok(())
 }
 
 /// Grids (x) the driver refused as too large to be resident at once, per (context, kernel):
@@ -251,7 +279,10 @@ pub fn launch_cooperative(
             cu::launch_cooperative_kernel(f, (gx, grid.1, grid.2), block, shared_mem, stream as sys::CUstream, &mut params)
         };
         match r {
-            Ok(()) => return Ok(gx),
+            Ok(()) => {
+                count_launch(name);
+                return Ok(gx);
+            }
             Err(cu::DriverError(sys::CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE)) if gx > 1 => {
                 gx /= 2;
                 cooperative_limits().lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), gx);
@@ -336,4 +367,43 @@ pub fn max_active_blocks_per_sm(name: &str, block_threads: i32, shared_mem: usiz
         "cuOccupancyMaxActiveBlocksPerMultiprocessor",
     )?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod launch_count_tests {
+    use super::*;
+
+    fn count_of(name: &str) -> u64 {
+        launch_counts().into_iter().find(|(k, _)| k == name).map_or(0, |(_, n)| n)
+    }
+
+    #[test]
+    fn counts_accepted_launches_per_name() {
+        let name = "launch_count_test_kernel";
+        assert_eq!(count_of(name), 0);
+        count_launch(name);
+        count_launch(name);
+        count_launch("launch_count_test_other");
+        assert_eq!(count_of(name), 2);
+        assert_eq!(count_of("launch_count_test_other"), 1);
+        let names: Vec<String> = launch_counts().into_iter().map(|(k, _)| k).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+    }
+
+    #[test]
+    fn a_refused_launch_is_not_counted() {
+        // No driver here, or (with one) a name the fatbin does not hold: either way an error.
+        let name = "launch_count_test_not_in_the_fatbin";
+        for cooperative in [false, true] {
+            let r = if cooperative {
+                launch_cooperative(name, (1, 1, 1), (32, 1, 1), 0, 0, 0, &[]).map(|_| ())
+            } else {
+                launch(name, (1, 1, 1), (32, 1, 1), 0, 0, 0, &[])
+            };
+            assert!(r.is_err());
+        }
+        assert_eq!(count_of(name), 0);
+    }
 }

@@ -71,6 +71,12 @@ fn launch(
     })
 }
 
+/// {kernel name: launches the driver accepted} since the process started.
+#[pyfunction]
+fn kernel_launch_counts() -> std::collections::HashMap<String, u64> {
+    cuda::launch_counts().into_iter().collect()
+}
+
 /// Blocks of kernel `name` that fit on one SM at once (for sizing persistent grids).
 #[pyfunction]
 #[pyo3(signature = (name, block_threads, shared_mem, device=0))]
@@ -84,6 +90,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(has_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_driver_present, m)?)?;
     m.add_function(wrap_pyfunction!(launch, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_launch_counts, m)?)?;
     m.add_function(wrap_pyfunction!(max_active_blocks_per_sm, m)?)?;
     Ok(())
 }

@@ -37,3 +37,20 @@ def launch(kernel: str, grid, block, args, *, shared_mem: int = 0, device=None, 
     dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
     stream = torch.cuda.current_stream(dev).cuda_stream
     _native.launch(kernel, grid, block, shared_mem, stream, dev.index or 0, args, cooperative=bool(cooperative))
+
+
+def launch_counts() -> dict:
+    """{kernel name: launches the driver accepted} in this process (the tests' proof that our
+    kernel ran, not a torch fallback)."""
+    return dict(_native.kernel_launch_counts())
+
+
+class LaunchCounter:
+    """Launches per kernel since this object was made: `counter.since()["horizon_rope"]`."""
+
+    def __init__(self):
+        self._start = launch_counts()
+
+    def since(self) -> dict:
+        now = launch_counts()
+        return {k: n - self._start.get(k, 0) for k, n in now.items() if n > self._start.get(k, 0)}
