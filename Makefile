@@ -6,7 +6,7 @@ PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: train test setup build cargo-test pytest bench wheel clean
+.PHONY: train test setup build cargo-test pytest bench bench-peers mutants wheel clean
 
 train: build
 	$(VENV)/bin/horizon train $(ARGS)
@@ -31,9 +31,20 @@ cargo-test: setup
 pytest: build
 	HORIZON_REQUIRE_KERNELS=1 $(PY) -m pytest -q
 
-bench: build
+# The README's AdamW table: every row (the roof rows need the module built with `roof`; the
+# DeepSpeed rows need `make bench-peers` once, else the bench says it skipped them).
+bench: setup
 	cargo bench --features roof
+	$(PY) -m maturin develop --release --quiet --features python,pyo3/extension-module,roof
 	$(PY) benches/adam_vs_peers.py
+	$(PY) -m maturin develop --release --quiet
+
+bench-peers: setup
+	$(PY) -m pip install -r requirements-peers.txt
+
+# Mutation testing (docs/testing.md); not part of `make test`. ARGS: all|rust|python, --budget-min N.
+mutants: build
+	bash scripts/mutants.sh $(ARGS)
 
 wheel: setup
 	$(PY) -m maturin build --release --out dist

@@ -45,12 +45,20 @@ BYTES_BF16 = 30  # + the bf16 copy (2)
 
 
 def try_deepspeed():
+    """(DeepSpeedCPUAdam, None), or (None, why not): deepspeed missing, or its CPU Adam op not
+    building (it JIT-builds on first use and needs ninja and a C++ compiler on PATH): the
+    optimizer is made once on a small parameter here, so a failed build skips its rows."""
     try:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: F401
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(16))], lr=LR, adamw_mode=True)
         return DeepSpeedCPUAdam, None
     except Exception as e:  # ImportError, or the JIT build failing
-        return None, f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        why = f"{type(e).__name__}: {e}"
+        cause = e.__cause__
+        if cause is not None:
+            why += f" ({type(cause).__name__}: {cause})"
+        return None, " ".join(why.split())[:300]
 
 
 def build_methods(n: int, ds_cls):

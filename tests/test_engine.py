@@ -338,6 +338,60 @@ def test_peak_device_bytes_do_not_grow_with_depth():
     assert abs(peaks[16] - peaks[4]) <= 0.05 * peaks[4], peaks
 
 
+_LEDGER_CHILD = """
+import json, torch
+torch.set_num_threads(1)
+import horizon
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+
+cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=512, intermediate_size=1536,
+           num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, vocab_size=4096,
+           max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+base = status("VmRSS")  # Python, torch and the native module, before any model
+t = horizon.Trainer.from_config(cfg, seed=0, device="cpu", lr=1e-4, micro_batch_size=2, activation_memory=0)
+e = t.engine
+built = dict(rss=status("VmRSS"), host=e.host_ledger.current, device=e.device_ledger.current)
+t.train_step(torch.randint(0, 4096, (4, 64), generator=torch.Generator().manual_seed(0)))
+t.synchronize()
+blocks = [layer for layer in t.model.layers if layer.key.startswith("layers.")]
+print(json.dumps(dict(base=base, built=built, rss=status("VmRSS"), hwm=status("VmHWM"),
+                      host=e.host_ledger.current, device=e.device_ledger.current, host_peak=e.host_ledger.peak,
+                      device_peak=e.peak_device_bytes(), lmax=max(layer.numel for layer in t.model.layers),
+                      tensors=max(len(layer.layout) for layer in blocks))))
+"""
+
+
+def test_the_cpu_ledgers_match_the_process_memory():
+    """The host and CPU-device ledgers against what the kernel says the process holds (VmRSS,
+    VmHWM of a fresh process; 31 M parameters, 680 MiB held): what the ledgers hold is resident
+    (a ledger counting memory nobody allocated fails the lower bounds), and the process holds
+    little beyond it (one that missed a slab part or the slots fails the upper bounds). Beyond
+    the ledgers: the process's own allocations (48 MiB) and, in the step, one block's backward
+    as autograd makes it (a gradient per weight tensor, their sum and the accumulator; the CPU
+    device ledger counts the accumulator but not autograd's per-tensor gradients)."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _LEDGER_CHILD], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    mib = 1 << 20
+    b = d["built"]
+    held = b["host"] + b["device"]
+    assert held >= 18 * 31_000_000  # the state is what is measured, not noise
+    assert held <= b["rss"] - d["base"] <= held + 48 * mib, (b, d["base"])
+    assert d["host"] + d["device"] <= d["rss"] - d["base"], d
+    one_backward = (d["tensors"] + 2) * d["lmax"] * 4
+    assert d["hwm"] - d["base"] <= d["host_peak"] + d["device_peak"] + one_backward + 48 * mib, d
+
+
 @pytest.mark.parametrize("grad_clip", [None, 1.0])
 def test_host_bytes_within_footprint(grad_clip):
     trainer = horizon.Trainer.from_config(_tiny(layers=4), device="cpu", grad_clip=grad_clip, micro_batch_size=2)
@@ -502,11 +556,28 @@ def test_train_step_rejects_bad_batches():
     assert t.step == 1
 
 
+def _assert_bf16_updates_close(got: dict, ref: dict, init: dict) -> None:
+    """Each tensor's total update under bf16 compute against the fp32 reference's. bf16 rounding
+    of near-zero gradients flips the sign of some full-size AdamW steps, so elementwise the
+    updates differ by a noise of ~5-12% relative (the CPU bf16 path, 8 steps of a 2-layer Qwen3:
+    0.048-0.118 per tensor, the embedding worst; 0.074 over all). That noise has no direction
+    and no scale: per tensor the update's norm is the reference's within 1.3% and its cosine
+    with it >= 0.993. The bounds below hold those with room and catch a scale error of 5%
+    or a 20% error of any direction that the elementwise figure alone would let through."""
+    gs, rs = [], []
+    for name, r in ref.items():
+        g, r = (got[name] - init[name]).double().flatten(), (r - init[name]).double().flatten()
+        ratio = float(g.norm() / r.norm())
+        cos = float(g @ r / (g.norm() * r.norm()))
+        assert 0.95 <= ratio <= 1.05 and cos >= 0.97 and _rel(g, r) <= 0.2, (name, ratio, cos, _rel(g, r))
+        gs.append(g)
+        rs.append(r)
+    assert _rel(torch.cat(gs), torch.cat(rs)) <= 0.12
+
+
 def _bf16_against_fp32_reference(tmp_path, kind, device):
     """bf16 compute (fp32 master) against the fp32 HF + AdamW run. bf16 tolerance: losses
-    within 5e-3 relative; each tensor's total update within 0.3 relative of the reference's
-    (AdamW turns bf16 rounding of near-zero gradients into sign flips of full-size steps; on
-    the CPU bf16 path the worst tensor, the embedding, lands near 0.1)."""
+    within 5e-3 relative; each tensor's total update as `_assert_bf16_updates_close` states."""
     path = _save_hf(_config(kind), tmp_path / "model")
     batches = _batches(8, 4)
     ref_losses, _, ref_model = _reference_run(path, batches, grad_clip=None, **HP)
@@ -519,8 +590,7 @@ def _bf16_against_fp32_reference(tmp_path, kind, device):
     trainer.save_pretrained(out)
     got = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
     init = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
-    for name, ref in ref_model.state_dict().items():
-        assert _rel(got[name] - init[name], ref - init[name]) <= 0.3, name
+    _assert_bf16_updates_close(got, ref_model.state_dict(), init)
     # The bf16 copy that streams is the rounded fp32 master (written in the AdamW pass).
     for layer in trainer.model.layers:
         assert torch.equal(layer.slab.weights_bf16, layer.slab.master.to(torch.bfloat16))
@@ -556,8 +626,7 @@ def test_cuda_bf16_matches_cpu_fp32_engine(grad_clip):
     assert runs["cuda"][2].compute_dtype == torch.bfloat16
     for a, b in zip(runs["cuda"][0], runs["cpu"][0]):
         assert abs(a - b) <= 5e-3 * abs(b)
-    for name, ref in runs["cpu"][1].items():
-        assert _rel(runs["cuda"][1][name] - init[name], ref - init[name]) <= 0.3, name
+    _assert_bf16_updates_close(runs["cuda"][1], runs["cpu"][1], init)
 
 
 @pytest.mark.gpu

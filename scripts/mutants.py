@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""One-line mutation testing of the Python side (docs/testing.md): does the suite notice when
+a comparison, a boolean, a constant, a min/max or an arithmetic operator of the engine, data,
+optimizer or MoE code is changed?
+
+Each mutant changes one token on one line (found with `tokenize`, so never inside a string or
+a comment; a mutant that does not compile is dropped). It runs in a scratch copy of the
+repository (the working tree is never touched), against the test files that cover its module,
+first failure stops it. Outcomes:
+  killed    a test failed (or the tests' process crashed)
+  timeout   it ran past 3 x the module's baseline + 30 s (counted as killed: a hang is noticed)
+  survived  every test passed: a blind spot, or an equivalent mutant (docs/testing.md lists the
+            ones accepted, with the reason)
+
+  python scripts/mutants.py                      # every group, 30 minutes
+  python scripts/mutants.py --budget-min 10 --group data --seed 3
+  python scripts/mutants.py --list --group optim # the candidate mutants, nothing run
+  python scripts/mutants.py --only src/horizon/optim.py:57   # the mutants of one line
+
+The order is a seeded shuffle, so a budget samples every module of the chosen groups; results
+go to mutants.out/python.jsonl (one line per mutant, appended as it finishes) and a summary
+of the survivors is printed at the end."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pathlib
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tokenize
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# group -> (modules, the test files that cover them)
+GROUPS = {
+    "engine": (
+        ["src/horizon/engine/schedule.py", "src/horizon/engine/activations.py", "src/horizon/engine/state.py",
+         "src/horizon/engine/ledger.py", "src/horizon/engine/pipeline.py", "src/horizon/engine/offload.py",
+         "src/horizon/engine/config.py"],
+        ["tests/test_engine.py", "tests/test_activation_budget.py", "tests/test_robustness.py",
+         "tests/test_pipeline.py", "tests/test_disk_tier.py"],
+    ),
+    "distributed": (["src/horizon/engine/distributed.py", "src/horizon/distributed.py"],
+                    ["tests/test_distributed.py"]),
+    "data": (
+        ["src/horizon/data/dataset.py", "src/horizon/data/packing.py", "src/horizon/data/render.py",
+         "src/horizon/data/tokenizer.py", "src/horizon/data/sources.py", "src/horizon/data/cache.py",
+         "src/horizon/data/config.py"],
+        ["tests/test_data.py", "tests/test_chat_data.py", "tests/test_packing.py", "tests/test_data_formats.py",
+         "tests/test_run_data.py", "tests/test_data_inspect.py"],
+    ),
+    "optim": (["src/horizon/optim.py"], ["tests/test_optim.py", "tests/test_engine.py"]),
+    "moe": (["src/horizon/kernels/moe/reference.py", "src/horizon/kernels/moe/fused.py",
+             "src/horizon/kernels/moe/__init__.py"], ["tests/test_moe.py", "tests/test_models.py"]),
+}
+
+# token -> what it becomes (one mutant per replacement)
+OPS = {
+    "<": ["<="], "<=": ["<"], ">": [">="], ">=": [">"], "==": ["!="], "!=": ["=="],
+    "+": ["-"], "-": ["+"], "*": ["/"], "/": ["*"], "//": ["/"], "%": ["//"],
+    "+=": ["-="], "-=": ["+="], "*=": ["/="], "/=": ["*="],
+}
+NAMES = {
+    "and": ["or"], "or": ["and"], "True": ["False"], "False": ["True"],
+    "min": ["max"], "max": ["min"], "ceil": ["floor"], "floor": ["ceil"],
+    "break": ["continue"], "continue": ["break"],
+}
+SKIP_LINE_STARTS = ("def ", "class ", "@", "import ", "from ", "log.", "raise ", "assert ", "return f\"", "print(")
+
+
+def candidates(path: pathlib.Path) -> list:
+    """(line, col, original token, replacement) for every one-token mutation of the file."""
+    src = path.read_text()
+    lines = src.splitlines(keepends=True)
+    out = []
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        (row, col), text = tok.start, tok.string
+        if tok.type not in (tokenize.OP, tokenize.NAME, tokenize.NUMBER):
+            continue
+        line = lines[row - 1]
+        stripped = line.lstrip()
+        if stripped.startswith(SKIP_LINE_STARTS) or "HorizonError(" in line or "log." in line:
+            continue  # signatures, imports, messages: not behaviour the tests should pin
+        if tok.type == tokenize.OP and text in OPS:
+            if text in ("*", "**") and line[col + 1: col + 2] in (",", ")"):
+                continue
+            subs = OPS[text]
+        elif tok.type == tokenize.NAME and text in NAMES:
+            subs = NAMES[text]
+        elif tok.type == tokenize.NAME and text == "not" and line[col + 3: col + 4] == " ":
+            out.append((row, col, "not ", ""))
+            continue
+        elif tok.type == tokenize.NUMBER and text.isdigit() and int(text) in (0, 1, 2):
+            subs = [str(int(text) + 1)] if text != "2" else ["1"]
+        else:
+            continue
+        out.extend((row, col, text, s) for s in subs)
+    return [c for c in out if _compiles(lines, c)]
+
+
+def _mutate(lines: list, c) -> str:
+    row, col, old, new = c
+    line = lines[row - 1]
+    assert line[col: col + len(old)] == old, (c, line)
+    return "".join(lines[: row - 1]) + line[:col] + new + line[col + len(old):] + "".join(lines[row:])
+
+
+def _compiles(lines, c) -> bool:
+    try:
+        compile(_mutate(lines, c), "<mutant>", "exec")
+        return True
+    except SyntaxError:
+        return False
+
+
+def _pytest(work: pathlib.Path, tests: list, timeout: float) -> tuple:
+    """(status, seconds, first failure) of the tests in the scratch copy."""
+    env = dict(os.environ, PYTHONPATH=str(work / "src"), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not gpu", *tests]
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.monotonic() - t0, ""
+    dt = time.monotonic() - t0
+    if p.returncode == 0:
+        return "survived", dt, ""
+    failed = next((ln for ln in p.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))), "")
+    return "killed", dt, failed or f"exit {p.returncode}: {p.stdout.strip().splitlines()[-1:] or p.stderr[-200:]}"
+
+
+def _scratch() -> pathlib.Path:
+    work = pathlib.Path(tempfile.mkdtemp(prefix="horizon-mutants-"))
+    for d in ("src", "tests", "cuda", "scripts", "benches", "docs"):
+        if (ROOT / d).exists():
+            shutil.copytree(ROOT / d, work / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for f in ("pyproject.toml", "README.md", "Makefile", "Cargo.toml"):
+        if (ROOT / f).exists():
+            shutil.copy2(ROOT / f, work / f)
+    return work
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--group", action="append", choices=sorted(GROUPS), help="default: every group")
+    ap.add_argument("--budget-min", type=float, default=30.0, help="stop starting mutants after this (default 30)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max", type=int, default=None, help="at most this many mutants")
+    ap.add_argument("--only", action="append", default=[], help="FILE:LINE: the mutants of that line only")
+    ap.add_argument("--list", action="store_true", help="print the candidates and stop")
+    ap.add_argument("--out", default=str(ROOT / "mutants.out" / "python.jsonl"))
+    a = ap.parse_args(argv)
+    if a.budget_min <= 0:
+        ap.error(f"--budget-min must be positive, got {a.budget_min}")
+
+    groups = a.group or list(GROUPS)
+    pool = []  # (group, module, candidate)
+    for g in groups:
+        mods, _ = GROUPS[g]
+        for m in mods:
+            pool.extend((g, m, c) for c in candidates(ROOT / m))
+    if a.only:
+        want = set()
+        for o in a.only:
+            f, _, ln = o.rpartition(":")
+            if not f or not ln.isdigit():
+                ap.error(f"--only takes FILE:LINE, got {o!r}")
+            want.add((f, int(ln)))
+        pool = [p for p in pool if (p[1], p[2][0]) in want]
+        if not pool:
+            ap.error(f"no mutant on {', '.join(a.only)} in the groups {', '.join(groups)}")
+    random.Random(a.seed).shuffle(pool)
+    if a.max is not None:
+        pool = pool[: a.max]
+    if a.list:
+        for g, m, (row, col, old, new) in pool:
+            print(f"{m}:{row}:{col + 1}: {old!r} -> {new!r}  [{g}]")
+        print(f"{len(pool)} mutants")
+        return 0
+
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = _scratch()
+    deadline = time.monotonic() + 60 * a.budget_min
+    counts = {"killed": 0, "timeout": 0, "survived": 0}
+    survivors = []
+    baseline = {}
+    try:
+        for g in groups:  # the unmutated suite must pass, and sets each group's timeout
+            status, dt, why = _pytest(work, GROUPS[g][1], timeout=3600)
+            if status != "survived":
+                print(f"mutants: the unmutated tests of group {g} do not pass ({why}): nothing to learn", file=sys.stderr)
+                return 2
+            baseline[g] = dt
+            print(f"baseline {g}: {dt:.0f} s", flush=True)
+        done = 0
+        for g, m, c in pool:
+            limit = 3 * baseline[g] + 30
+            if time.monotonic() + baseline[g] > deadline:
+                break
+            row, col, old, new = c
+            target = work / m
+            original = target.read_text()
+            lines = original.splitlines(keepends=True)
+            target.write_text(_mutate(lines, c))
+            try:
+                status, dt, why = _pytest(work, GROUPS[g][1], limit)
+            finally:
+                target.write_text(original)
+            done += 1
+            counts[status] += 1
+            rec = dict(group=g, file=m, line=row, col=col + 1, old=old, new=new, status=status, seconds=round(dt, 1),
+                       failed=why, text=lines[row - 1].strip())
+            with out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"[{done}/{len(pool)}] {status:8s} {m}:{row}: {old!r} -> {new!r}  ({dt:.0f} s)", flush=True)
+            if status == "survived":
+                survivors.append(rec)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    total = sum(counts.values())
+    print(f"\n{total} of {len(pool)} mutants run: {counts['killed']} killed, {counts['timeout']} timed out, "
+          f"{counts['survived']} survived  (records: {out})")
+    for r in survivors:
+        print(f"  survived {r['file']}:{r['line']}: {r['old']!r} -> {r['new']!r}   | {r['text']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
