@@ -61,6 +61,17 @@ GROUPS = {
              "src/horizon/kernels/moe/__init__.py"], ["tests/test_moe.py", "tests/test_models.py"]),
 }
 
+# The crate's modules -> the pytest files that exercise them through the bindings. cargo
+# test cannot see those tests, so `--rust-recheck` runs the mutants cargo-mutants found missed
+# against them (the module rebuilt with the mutant).
+RUST_TESTS = {
+    "rust/adam/": ["tests/test_optim.py", "tests/test_store.py"],
+    "rust/cpu/": ["tests/test_store.py", "tests/test_foundation.py", "tests/test_optim.py"],
+    "rust/memory/": ["tests/test_store.py", "tests/test_foundation.py"],
+    "rust/offload/": ["tests/test_disk_tier.py"],
+    "rust/pipeline/": ["tests/test_pipeline.py", "tests/test_engine.py"],
+}
+
 # token -> what it becomes (one mutant per replacement)
 OPS = {
     "<": ["<="], "<=": ["<"], ">": [">="], ">=": [">"], "==": ["!="], "!=": ["=="],
@@ -136,12 +147,94 @@ def _pytest(work: pathlib.Path, tests: list, timeout: float) -> tuple:
     return "killed", dt, failed or f"exit {p.returncode}: {p.stdout.strip().splitlines()[-1:] or p.stderr[-200:]}"
 
 
+def _build_native(work: pathlib.Path) -> str:
+    """Builds the scratch copy's crate as the Python module (no kernels, an incremental target
+    dir kept under target/) into work/src/horizon; returns "" or why it did not build."""
+    env = dict(os.environ, CARGO_TARGET_DIR=str(ROOT / "target" / "mutants-py"), HORIZON_NO_KERNELS="1")
+    p = subprocess.run(["cargo", "build", "--release", "--lib", "--features", "python,pyo3/extension-module"],
+                       cwd=work, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        return (p.stderr.strip().splitlines() or ["cargo build failed"])[-1]
+    shutil.copy2(ROOT / "target" / "mutants-py" / "release" / "libhorizon_native.so",
+                 work / "src" / "horizon" / "_native.abi3.so")
+    return ""
+
+
+def rust_recheck(a) -> int:
+    """The mutants cargo-mutants reported missed (outcomes.json of its output directory), each
+    built into the Python module and run against the pytest files of its module."""
+    outcomes = json.loads((pathlib.Path(a.rust_recheck) / "outcomes.json").read_text())["outcomes"]
+    missed = []
+    for o in outcomes:
+        m = o["scenario"].get("Mutant") if isinstance(o["scenario"], dict) else None
+        if m and o["summary"] == "MissedMutant":
+            tests = next((t for prefix, t in RUST_TESTS.items() if m["file"].startswith(prefix)), None)
+            if tests:
+                missed.append((m["name"], m["file"], pathlib.Path(a.rust_recheck) / o["diff_path"], tests))
+    if not missed:
+        print("mutants: no missed Rust mutant of a module the Python tests exercise")
+        return 0
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = _scratch()
+    deadline = time.monotonic() + 60 * a.budget_min
+    counts = {"killed": 0, "timeout": 0, "survived": 0, "unviable": 0}
+    survivors = []
+    try:
+        why = _build_native(work)
+        if why:
+            print(f"mutants: the unmutated crate does not build ({why})", file=sys.stderr)
+            return 2
+        baseline = {}
+        for _, _, _, tests in missed:
+            key = tuple(tests)
+            if key not in baseline:
+                status, dt, why = _pytest(work, tests, timeout=3600)
+                if status != "survived":
+                    print(f"mutants: the unmutated {' '.join(tests)} do not pass ({why})", file=sys.stderr)
+                    return 2
+                baseline[key] = dt
+        for i, (name, file, diff, tests) in enumerate(missed):
+            if time.monotonic() + baseline[tuple(tests)] + 60 > deadline:
+                break
+            target = work / file
+            original = target.read_text()
+            t0 = time.monotonic()
+            try:
+                p = subprocess.run(["patch", "-s", str(target)], stdin=open(diff), capture_output=True, text=True)
+                why = p.stdout.strip() if p.returncode else _build_native(work)
+                if why:
+                    status, why = "unviable", why
+                else:
+                    status, _, why = _pytest(work, tests, 3 * baseline[tuple(tests)] + 30)
+            finally:
+                target.write_text(original)
+            dt = time.monotonic() - t0
+            counts[status] += 1
+            rec = dict(group="rust", mutant=name, file=file, status=status, seconds=round(dt, 1), failed=why,
+                       tests=tests)
+            with out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"[{i + 1}/{len(missed)}] {status:8s} {name}  ({dt:.0f} s)", flush=True)
+            if status == "survived":
+                survivors.append(name)
+        _build_native(work)  # leave the target dir built from the unmutated source
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{sum(counts.values())} of {len(missed)} missed Rust mutants rechecked with pytest: "
+          f"{counts['killed']} killed, {counts['timeout']} timed out, {counts['unviable']} unviable, "
+          f"{counts['survived']} survived  (records: {out})")
+    for n in survivors:
+        print(f"  survived {n}")
+    return 0
+
+
 def _scratch() -> pathlib.Path:
     work = pathlib.Path(tempfile.mkdtemp(prefix="horizon-mutants-"))
-    for d in ("src", "tests", "cuda", "scripts", "benches", "docs"):
+    for d in ("src", "tests", "cuda", "scripts", "benches", "docs", "rust"):
         if (ROOT / d).exists():
             shutil.copytree(ROOT / d, work / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for f in ("pyproject.toml", "README.md", "Makefile", "Cargo.toml"):
+    for f in ("pyproject.toml", "README.md", "Makefile", "Cargo.toml", "Cargo.lock"):
         if (ROOT / f).exists():
             shutil.copy2(ROOT / f, work / f)
     return work
@@ -156,9 +249,15 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", default=[], help="FILE:LINE: the mutants of that line only")
     ap.add_argument("--list", action="store_true", help="print the candidates and stop")
     ap.add_argument("--out", default=str(ROOT / "mutants.out" / "python.jsonl"))
+    ap.add_argument("--rust-recheck", metavar="DIR",
+                    help="cargo-mutants' output directory: run the mutants it found missed against pytest")
     a = ap.parse_args(argv)
     if a.budget_min <= 0:
         ap.error(f"--budget-min must be positive, got {a.budget_min}")
+    if a.rust_recheck:
+        if not (pathlib.Path(a.rust_recheck) / "outcomes.json").is_file():
+            ap.error(f"--rust-recheck: no outcomes.json in {a.rust_recheck} (run cargo mutants first)")
+        return rust_recheck(a)
 
     groups = a.group or list(GROUPS)
     pool = []  # (group, module, candidate)

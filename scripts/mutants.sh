@@ -6,10 +6,13 @@
 #   bash scripts/mutants.sh [all|rust|python] [--budget-min N] [--seed S]
 #
 # rust:   cargo-mutants over the crate's computing modules (adam, cpu, memory, offload,
-#         pipeline), with `cargo test --release`, kernels not built (HORIZON_NO_KERNELS); the
-#         Python bindings (rust/python) and the CUDA driver wrapper are left to the pytest side
-#         and the GPU tests, which cargo test cannot run. cargo-mutants is installed when
-#         missing. Results: mutants.out/ (missed.txt: the survivors).
+#         pipeline), with `cargo test --release`, kernels not built (HORIZON_NO_KERNELS); then
+#         the mutants cargo test missed, each built into the Python module, against the pytest
+#         files that exercise that module through the bindings (scripts/mutants.py
+#         --rust-recheck): a survivor of both is a real one. The bindings (rust/python) and the
+#         CUDA driver wrapper are not mutated (their tests are pytest's and the GPU's).
+#         cargo-mutants is installed when missing. Results: mutants.out/rust/ and
+#         mutants.out/rust-pytest.jsonl. Each of the two phases gets the budget.
 # python: scripts/mutants.py over the engine, data, optimizer and MoE modules (one-token
 #         mutants, a seeded sample that fits the budget). Results: mutants.out/python.jsonl.
 #
@@ -49,7 +52,12 @@ if [ "$what" != python ]; then
   for k in caught missed timeout unviable; do
     printf '%s: %s\n' "$k" "$( [ -f "$out/$k.txt" ] && wc -l <"$out/$k.txt" || echo 0)"
   done
-  if [ -s "$out/missed.txt" ]; then echo "survivors (missed):"; sed 's/^/  /' "$out/missed.txt"; fi
+  if [ -s "$out/missed.txt" ]; then echo "missed by cargo test:"; sed 's/^/  /' "$out/missed.txt"; fi
+  # Much of the crate is tested from Python through the bindings (the disk tier, the arena,
+  # the pipeline): each missed mutant, built into the module, against those pytest files.
+  echo "== rust: the missed mutants against the Python tests, ${budget} min"
+  rm -f mutants.out/rust-pytest.jsonl
+  "$py" scripts/mutants.py --rust-recheck "$out" --budget-min "$budget" --out mutants.out/rust-pytest.jsonl
 fi
 
 if [ "$what" != rust ]; then

@@ -330,6 +330,24 @@ def test_a_dir_without_space_is_refused_before_anything_is_written(tmp_path, mon
     assert not (tmp_path / "run").exists() and list(tmp_path.iterdir()) == []
 
 
+def test_a_dead_runs_tier_files_count_as_free_space(tmp_path, monkeypatch):
+    """The tier files of a run that is gone are replaced by the new run's, so their bytes count
+    as free: a disk that holds the old tier holds the new one of the same size."""
+    block = 4096
+    monkeypatch.setattr(offload, "_statvfs", lambda path: os.statvfs_result(
+        (block, block, 1 << 20, 100, 100, 1000, 1000, 1000, 0, 255)))  # 100 blocks free
+    monkeypatch.setattr(offload, "_fs_info", lambda path: {"fs_type": "ext4", "in_memory": False})
+    need = 300 * block
+    assert "the disk tier needs" in offload.dir_problem(tmp_path, need)
+    old = tmp_path / offload.SUBDIR
+    old.mkdir()
+    (old / "layer-0.state").write_bytes(b"\0" * (150 * block))
+    (old / "layer-1.state").write_bytes(b"\0" * (60 * block))
+    (old / "notes.txt").write_bytes(b"\0" * (500 * block))  # not a tier file: not ours to count
+    assert offload.dir_problem(tmp_path, need) is None  # 100 + 150 + 60 blocks
+    assert "the disk tier needs" in offload.dir_problem(tmp_path, need + 11 * block)
+
+
 def test_tmpfs_is_refused_and_a_file_system_without_o_direct_falls_back(tmp_path, monkeypatch, caplog):
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK):

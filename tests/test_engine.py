@@ -37,6 +37,8 @@ VOCAB = 128
 def _config(kind, layers=2, **extra):
     base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, rms_norm_eps=1e-5)
+    base.update(extra)
+    extra = {}
     if kind == "llama":
         cfg = transformers.LlamaConfig(**base, **extra)
     elif kind == "qwen3":
@@ -105,18 +107,22 @@ HP = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
 
 @needs_hf
 @pytest.mark.parametrize(
-    "kind, tie, grad_clip, rows, micro_batch_size",
+    "kind, tie, grad_clip, rows, micro_batch_size, vocab",
     [
-        ("llama", False, None, 4, None),
-        ("llama", False, 0.05, 4, 2),
-        ("qwen3", True, None, 3, 2),
-        ("qwen3", False, 0.05, 4, 1),
-        ("mixtral", False, None, 4, 2),
-        ("qwen3_moe", True, 0.05, 4, 2),
+        ("llama", False, None, 4, None, VOCAB),
+        ("llama", False, 0.05, 4, 2, VOCAB),
+        ("qwen3", True, None, 3, 2, VOCAB),
+        ("qwen3", False, 0.05, 4, 1, VOCAB),
+        ("mixtral", False, None, 4, 2, VOCAB),
+        ("qwen3_moe", True, 0.05, 4, 2, VOCAB),
+        # The embedding and the head larger than a block, as in real models (a 128 K vocabulary
+        # against a 4096-wide block): the gradient buffers are sized by the larger.
+        ("llama", False, 0.05, 4, 2, 1024),
+        ("qwen3", True, None, 3, 2, 1024),
     ],
 )
-def test_equivalence_with_hf_and_torch_adamw(tmp_path, kind, tie, grad_clip, rows, micro_batch_size):
-    path = _save_hf(_config(kind, tie_word_embeddings=tie), tmp_path / "model")
+def test_equivalence_with_hf_and_torch_adamw(tmp_path, kind, tie, grad_clip, rows, micro_batch_size, vocab):
+    path = _save_hf(_config(kind, tie_word_embeddings=tie, vocab_size=vocab), tmp_path / "model")
     batches = _batches(8, rows)
     ref_losses, ref_norms, ref_model = _reference_run(path, batches, grad_clip=grad_clip, **HP)
     if grad_clip is not None:
@@ -336,6 +342,43 @@ def test_peak_device_bytes_do_not_grow_with_depth():
         block = trainer.model.layers[1].numel * 4
         assert peaks[layers] > 2 * block
     assert abs(peaks[16] - peaks[4]) <= 0.05 * peaks[4], peaks
+
+
+@pytest.mark.parametrize("activation_memory", [0, "auto"])
+def test_an_error_inside_a_step_is_raised_as_is_and_leaves_the_engine_as_before(monkeypatch, activation_memory):
+    """A block that raises in the middle of a step (0: in the backward's recompute, every
+    block's checkpoint alive; auto: in the forward, earlier blocks' kept activations alive):
+    the caller gets that error, nothing was updated, every holding of the step is given back,
+    and the next steps train as if the failed one had never been tried."""
+    cfg = _tiny(layers=3)
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, VOCAB, (4, SEQ), generator=gen) for _ in range(2)]
+    ref = horizon.Trainer.from_config(cfg, seed=1, device="cpu", micro_batch_size=2,
+                                      activation_memory=activation_memory, **HP)
+    want = [ref.train_step(b) for b in batches]
+    t = horizon.Trainer.from_config(cfg, seed=1, device="cpu", micro_batch_size=2,
+                                    activation_memory=activation_memory, **HP)
+    assert t.train_step(batches[0]) == want[0]
+    e = t.engine
+    held = (e.host_ledger.current, e.device_ledger.current)
+    h0 = dict(e.host_ledger._held)
+    before = {k: v.clone() for k, v in t.state_tensors().items()}
+    template = t.model.layers[3].defn.template
+    forward = type(template).forward
+
+    def broken(*args, **kwargs):
+        if torch.is_grad_enabled():
+            raise RuntimeError("boom in the last block")
+        return forward(template, *args, **kwargs)
+
+    monkeypatch.setattr(template, "forward", broken, raising=False)
+    with pytest.raises(RuntimeError, match="boom in the last block"):
+        t.train_step(batches[1])
+    monkeypatch.delattr(template, "forward")
+    assert t.step == 1 and (e.host_ledger.current, e.device_ledger.current) == held, {k: v for k, v in e.host_ledger._held.items() if h0.get(k) != v}
+    for k, v in t.state_tensors().items():
+        assert torch.equal(v, before[k]), k
+    assert t.train_step(batches[1]) == want[1]
 
 
 _LEDGER_CHILD = """

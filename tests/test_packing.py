@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from horizon import HorizonError
 from horizon.data import DataConfig, DocumentDataset, TextTokenizer, eval_split, load_training_data, shipped_tokenizer_path
@@ -220,6 +221,13 @@ def test_training_data_with_eval_fraction_holds_out_whole_documents(tmp_path):
     assert sum(b[0].shape[0] for b in first) == ev.n_sequences
     for x, y in zip(first, second):
         assert all((p == q).all() for p, q in zip(x, y))
+    # one sequence a batch is a batch size like any other: every sequence once, in the same order
+    ones = [tuple(b) for b in td.eval_batches(1)]
+    assert len(ones) == ev.n_sequences and all(b[0].shape[0] == 1 for b in ones)
+    assert torch.equal(torch.cat([b[0] for b in ones]), torch.cat([b[0] for b in first]))
+    for bad in (0, -1, True, 2.5, "3"):
+        with pytest.raises(HorizonError, match="batch size must be an integer >= 1"):
+            next(iter(td.eval_batches(bad)))
     texts = [tok.decode(row.tolist()) for b in first for row in b[0]]
     assert all(any(docs[i] in t for t in texts) for i in ev.pieces.doc.tolist())
     # the same seed holds out the same documents; the report says what was read

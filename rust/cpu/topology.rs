@@ -62,6 +62,17 @@ pub fn host_memory_bytes() -> (u64, u64) {
     )
 }
 
+/// One node from its sysfs `cpulist` and `meminfo` texts: the CPUs this process may run on,
+/// memory in bytes (sysfs reports kB).
+fn node_from_sysfs(id: u32, cpulist: &str, meminfo: &str, allowed: &[usize]) -> NumaNode {
+    NumaNode {
+        id,
+        cpus: parse_cpulist(cpulist).into_iter().filter(|c| allowed.contains(c)).collect(),
+        memory_total_bytes: meminfo_kib(meminfo, "MemTotal:").unwrap_or(0) * 1024,
+        memory_free_bytes: meminfo_kib(meminfo, "MemFree:").unwrap_or(0) * 1024,
+    }
+}
+
 pub fn numa_nodes() -> Vec<NumaNode> {
     let allowed = allowed_cpus();
     let online = fs::read_to_string("/sys/devices/system/node/online").ok();
@@ -70,19 +81,9 @@ pub fn numa_nodes() -> Vec<NumaNode> {
         .into_iter()
         .map(|id| {
             let base = format!("/sys/devices/system/node/node{id}");
-            let cpus = fs::read_to_string(format!("{base}/cpulist"))
-                .map(|s| parse_cpulist(&s))
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|c| allowed.contains(c))
-                .collect();
+            let cpulist = fs::read_to_string(format!("{base}/cpulist")).unwrap_or_default();
             let mi = fs::read_to_string(format!("{base}/meminfo")).unwrap_or_default();
-            NumaNode {
-                id: id as u32,
-                cpus,
-                memory_total_bytes: meminfo_kib(&mi, "MemTotal:").unwrap_or(0) * 1024,
-                memory_free_bytes: meminfo_kib(&mi, "MemFree:").unwrap_or(0) * 1024,
-            }
+            node_from_sysfs(id as u32, &cpulist, &mi, &allowed)
         })
         .collect();
     if nodes.is_empty() {
@@ -100,6 +101,29 @@ mod tests {
     fn cpulist_ranges() {
         assert_eq!(parse_cpulist("0-3,8,10-11\n"), vec![0, 1, 2, 3, 8, 10, 11]);
         assert_eq!(parse_cpulist(""), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn a_node_from_its_sysfs_texts() {
+        let mi = "Node 1 MemTotal:       65536 kB\nNode 1 MemFree:        1024 kB\nNode 1 MemUsed: 64512 kB\n";
+        let n = node_from_sysfs(1, "4-7,12\n", mi, &[0, 1, 2, 3, 4, 5, 6, 12, 13]);
+        assert_eq!(n.id, 1);
+        assert_eq!(n.cpus, vec![4, 5, 6, 12]); // 7 is not ours to run on
+        assert_eq!(n.memory_total_bytes, 65536 * 1024);
+        assert_eq!(n.memory_free_bytes, 1024 * 1024);
+        let empty = node_from_sysfs(0, "", "", &[0]);
+        assert!(empty.cpus.is_empty() && empty.memory_total_bytes == 0 && empty.memory_free_bytes == 0);
+    }
+
+    #[test]
+    fn host_memory_agrees_with_sysconf() {
+        // An independent source: the kernel's page count and page size.
+        // SAFETY: plain sysconf queries.
+        let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        let phys = pages as f64 * page as f64;
+        let (total, avail) = host_memory_bytes();
+        assert!((total as f64 - phys).abs() <= 0.01 * phys, "MemTotal {total} vs sysconf {phys}");
+        assert!(avail > 0 && avail <= total, "MemAvailable {avail} of {total}");
     }
 
     #[test]

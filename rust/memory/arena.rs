@@ -77,6 +77,15 @@ fn errno_text() -> (i32, String) {
     (e.raw_os_error().unwrap_or(0), e.to_string())
 }
 
+/// mbind's node mask with only `node` set (64-bit words), and its `maxnode` argument: the
+/// kernel reads maxnode-1 bits, so every bit of the words.
+fn node_mask(node: u32) -> (Vec<libc::c_ulong>, libc::c_ulong) {
+    let words = node as usize / 64 + 1;
+    let mut mask = vec![0 as libc::c_ulong; words];
+    mask[node as usize / 64] |= 1 << (node % 64);
+    (mask, (words * 64 + 1) as libc::c_ulong)
+}
+
 /// Binds `[ptr, ptr+len)` to `node`. Err carries the reason it did not happen; the callers
 /// treat it as a no-op, since single-node machines and sandboxes refuse it routinely.
 fn bind_to_node(ptr: *mut u8, len: usize, node: u32) -> Result<(), String> {
@@ -84,11 +93,7 @@ fn bind_to_node(ptr: *mut u8, len: usize, node: u32) -> Result<(), String> {
     if nodes.len() <= 1 {
         return Err("single NUMA node: binding not needed".into());
     }
-    let words = node as usize / 64 + 1;
-    let mut mask = vec![0 as libc::c_ulong; words];
-    mask[node as usize / 64] |= 1 << (node % 64);
-    // The kernel reads maxnode-1 bits of the mask.
-    let maxnode = (words * 64 + 1) as libc::c_ulong;
+    let (mask, maxnode) = node_mask(node);
     // SAFETY: the range is a mapping we own; the mask outlives the call.
     let r = unsafe { libc::syscall(libc::SYS_mbind, ptr, len, MPOL_BIND, mask.as_ptr(), maxnode, 0 as libc::c_uint) };
     if r == 0 {
@@ -420,6 +425,19 @@ pub fn numa_pages(addr: usize) -> Option<(Vec<(u32, u64)>, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_node_mask_has_exactly_the_node_bit() {
+        for node in [0u32, 1, 5, 63, 64, 65, 130] {
+            let (mask, maxnode) = node_mask(node);
+            assert_eq!(mask.len(), node as usize / 64 + 1, "node {node}");
+            assert_eq!(maxnode as usize, mask.len() * 64 + 1, "node {node}");
+            for bit in 0..mask.len() * 64 {
+                let set = mask[bit / 64] >> (bit % 64) & 1 == 1;
+                assert_eq!(set, bit == node as usize, "node {node} bit {bit}");
+            }
+        }
+    }
 
     #[test]
     fn region_is_aligned_zeroed_and_writable() {

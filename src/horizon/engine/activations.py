@@ -22,10 +22,12 @@ class ActivationStore:
         self._host = host_ledger
         self._kept: dict = {}  # key -> list of tensors (device or host)
         self._incoming: dict = {}  # key -> (device tensors, ready event)
+        self._held: set = set()  # keys whose holdings are counted (until released: taken or not)
         self._stream = torch.cuda.Stream(device) if (self._cuda and offload) else None
         self.bytes_moved = 0  # device <-> host copies of checkpoints (CUDA offload), both ways
 
     def put(self, key, tensors: list) -> None:
+        self._held.add(key)
         if not self.offload:
             self._kept[key] = tensors
             self._dev.hold(("ckpt", key), tensor_bytes(tensors))
@@ -91,12 +93,15 @@ class ActivationStore:
 
     def release(self, key) -> None:
         """The checkpoint taken for `key` is no longer used."""
+        self._held.discard(key)
         self._dev.drop(("ckpt", key))
         self._dev.drop(("ckpt-in", key))
         self._host.drop(("ckpt", key))
 
     def clear(self) -> None:
-        for key in list(self._kept) + list(self._incoming):
+        """Forgets every checkpoint and gives back every holding, those already taken (a step
+        that failed between a block's take and its release) included."""
+        for key in self._held | set(self._kept) | set(self._incoming):
             self.release(key)
         self._kept.clear()
         self._incoming.clear()

@@ -659,6 +659,8 @@ class LayerMajorEngine:
         first micro-batch overwrites it (`_accumulate(first=True)`); the embedding's scatter
         and a data-parallel rank without a micro-batch need it zeroed."""
         buf = self._grad_bufs[name]
+        if numel > buf.numel():  # a slice would silently come back short
+            raise RuntimeError(f"gradient buffer {name} holds {buf.numel()} elements, a layer needs {numel}")
         self.landing.before_reuse(buf)
         acc = buf[:numel]
         if zero:
