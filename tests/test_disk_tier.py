@@ -109,6 +109,44 @@ def test_eight_steps_with_the_tier_equal_eight_steps_without_it(tmp_path, grad_c
     assert list(tmp_path.iterdir()) == [], "the tier's files outlive it"
 
 
+def test_a_child_process_inherits_no_tier_file(tmp_path):
+    """The tier's files are opened close-on-exec: a process the run starts (a data loader, a
+    shell hook; here one started without Python's own fd closing) holds none of them open, so
+    it cannot keep a finished run's disk space alive or write into the state."""
+    import subprocess
+    import sys
+
+    t = horizon.Trainer.from_config(_config(), seed=0, device="cpu", offload_dir=str(tmp_path))
+    tier_dir = str((tmp_path / offload.SUBDIR).resolve())
+    mine = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert any(p.startswith(tier_dir) for p in mine), "the tier holds its files open: the check would be empty"
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print('\\n'.join(os.readlink('/proc/self/fd/' + f) for f in "
+         "os.listdir('/proc/self/fd') if os.path.exists('/proc/self/fd/' + f)))"],
+        close_fds=False, capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, child.stderr
+    assert not [p for p in child.stdout.splitlines() if p.startswith(tier_dir)]
+    t.model.close()
+
+
+def test_a_ticket_is_done_once_its_work_is_and_a_step_leaves_every_landing_done(tmp_path):
+    """DiskTicket.done: what the landing polls to let go of landed gradients and to reap
+    finished write-backs without waiting (a ticket that never reported done would keep every
+    step's gradients alive until the next step)."""
+    t = horizon.Trainer.from_config(_config(), seed=0, device="cpu", offload_dir=str(tmp_path), micro_batch_size=2)
+    for ids, labels in _batches(2, 4):
+        t.train_step(ids, labels)
+    landing = t.engine.landing
+    pending = list(landing._io)  # this step's write-backs, not waited for
+    tk = landing._tier.flush()
+    assert tk.wait(30.0) is True and tk.done
+    assert pending and all(x.done for x in pending)
+    landing._drop_landed()
+    assert all(keep == () for jobs in landing._jobs.values() for _, keep in jobs)
+    t.model.close()
+
+
 @pytest.mark.parametrize("sync, io", [("step", "threads"), ("layer", "uring")])
 def test_durability_and_io_back_ends_do_not_change_a_bit(tmp_path, monkeypatch, sync, io):
     if io == "uring" and offload.disk_io_info()["backend"] != "io_uring":

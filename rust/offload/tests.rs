@@ -323,3 +323,53 @@ fn the_roof_measures_both_directions() {
     assert!(r.mixed_gbps > 0.0);
     assert_eq!(std::fs::metadata(&files[2]).unwrap().len() as usize, 9 * ALIGN, "sizes are kept");
 }
+
+#[test]
+fn a_flush_completes_only_after_every_write_before_it() {
+    // A step's updates queued and nothing waited (their write-backs in flight when the flush is
+    // asked for): once the flush reports done, every update is done and the files hold the
+    // updated state, byte for byte the RAM AdamW's.
+    for io in backends() {
+        let dir = TempDir::new("flush");
+        let numels = [3 << 20, 2 << 20, 3 << 20];
+        let lays: Vec<LayerLayout> = numels.iter().map(|&n| LayerLayout::new(n, false)).collect();
+        let staging = lays.iter().map(|l| l.file_bytes()).max().unwrap() * 2;
+        let tier = DiskTier::new(&dir.0, &numels, false, direct_ok(&dir.0), &opts(staging, Durability::Step, io)).unwrap();
+        let mut ram: Vec<[Vec<f32>; 3]> =
+            numels.iter().enumerate().map(|(i, &n)| [noise(n, 77 + i as u32, 2.0), vec![0.0; n], vec![0.0; n]]).collect();
+        for (i, st) in ram.iter().enumerate() {
+            wait(&tier.write_state(i, [PartSrc::Buf(st[0].as_ptr() as usize), PartSrc::Zero, PartSrc::Zero]).unwrap());
+        }
+        let grads: Vec<Vec<f32>> = numels.iter().enumerate().map(|(i, &n)| noise(n, 500 + i as u32, 0.1)).collect();
+        let landing: Vec<super::files::AlignedBuf> =
+            (0..2).map(|_| super::files::AlignedBuf::zeroed(lays.iter().map(|l| l.part_bytes).max().unwrap())).collect();
+        let mut w: Vec<Vec<u16>> = numels.iter().map(|&n| vec![0; n]).collect();
+        let order: Vec<usize> = (0..numels.len()).rev().collect();
+        tier.begin_step(order.clone(), false).unwrap();
+        let mut tickets = Vec::new();
+        for &l in &order {
+            let slot = tier.landing().acquire(Duration::from_secs(30)).unwrap();
+            let grad = GradSource::Landing {
+                ptr: landing[slot].as_mut_ptr() as usize, copy_from: grads[l].as_ptr() as usize, cuda_event: None, slot: Some(slot),
+            };
+            let job = UpdateJob { layer: l, grad, hp: hp(1, 1.0), skip_nonfinite: false, w_bf16: w[l].as_mut_ptr() as usize, p_copy: 0 };
+            let (a, d) = tier.update(job).unwrap();
+            tickets.push(a);
+            tickets.push(d);
+        }
+        wait(&tier.flush());
+        assert!(tickets.iter().all(|t| t.is_done()), "{io:?}: an update still running after the flush");
+        for (l, st) in ram.iter_mut().enumerate() {
+            let [p, m, v] = st;
+            let h = hp(1, 1.0);
+            adam::adamw_step(p, &grads[l], m, v, None, &h.hyper, h.step, h.grad_scale);
+            let bytes = std::fs::read(tier.layer_path(l)).unwrap();
+            for (k, part) in st.iter().enumerate() {
+                let at = k * lays[l].part_bytes;
+                let want: Vec<u8> = part.iter().flat_map(|x| x.to_le_bytes()).collect();
+                assert!(bytes[at..at + want.len()] == want[..], "{io:?}: layer {l} part {k} is not on disk after the flush");
+            }
+        }
+        drop(w);
+    }
+}
