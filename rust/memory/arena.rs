@@ -427,6 +427,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn prefault_on_several_threads_makes_every_page_resident() {
+        // Three threads (three 64 MiB shares) and a tail of three pages; mincore, the kernel's
+        // own account, says which pages are resident.
+        let page = page_size();
+        let len = (192 << 20) + 3 * page;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let cpus = topology::allowed_cpus();
+        let threads = prefault(ptr as *mut u8, len, &[cpus[0], cpus[0], cpus[0]]);
+        assert_eq!(threads, 3);
+        let mut resident = vec![0u8; len / page];
+        // SAFETY: the vector holds one byte per page of the mapping.
+        assert_eq!(unsafe { libc::mincore(ptr, len, resident.as_mut_ptr()) }, 0);
+        let missing = resident.iter().filter(|&&r| r & 1 == 0).count();
+        // SAFETY: our mapping.
+        unsafe { libc::munmap(ptr, len) };
+        assert_eq!(missing, 0, "{missing} of {} pages not faulted in", len / page);
+    }
+
+    #[test]
     fn the_node_mask_has_exactly_the_node_bit() {
         for node in [0u32, 1, 5, 63, 64, 65, 130] {
             let (mask, maxnode) = node_mask(node);
