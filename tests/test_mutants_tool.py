@@ -52,3 +52,36 @@ def test_list_and_bad_arguments():
                       (["--only", "src/horizon/optim.py:1", "--group", "optim"], "no mutant on")):
         r = _run(*bad)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- the optional bench peer
+
+
+def test_the_adamw_bench_skips_deepspeed_with_its_reason(monkeypatch):
+    """benches/adam_vs_peers.py: DeepSpeed is an optional peer (requirements-peers.txt). Missing,
+    or present with a CPU Adam op that does not build, its rows are skipped with the reason,
+    never a crash (the README's DeepSpeed rows say how to produce them)."""
+    import types
+
+    monkeypatch.syspath_prepend(str(ROOT / "benches"))
+    import adam_vs_peers as bench
+
+    for name in ("deepspeed", "deepspeed.ops", "deepspeed.ops.adam"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails: not installed
+    cls, why = bench.try_deepspeed()
+    assert cls is None and ("ModuleNotFoundError" in why or "ImportError" in why), why
+
+    class Unbuildable:
+        def __init__(self, *a, **k):
+            try:
+                raise RuntimeError("Unable to JIT load the cpu_adam op due to ninja not being installed.")
+            except RuntimeError as e:
+                raise RuntimeError("DeepSpeedCPUAdam requires the cpu_adam op, which failed to build/load.") from e
+
+    adam = types.ModuleType("deepspeed.ops.adam")
+    adam.DeepSpeedCPUAdam = Unbuildable
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    monkeypatch.setitem(sys.modules, "deepspeed.ops", types.ModuleType("deepspeed.ops"))
+    monkeypatch.setitem(sys.modules, "deepspeed.ops.adam", adam)
+    cls, why = bench.try_deepspeed()
+    assert cls is None and "failed to build/load" in why and "ninja not being installed" in why, why
