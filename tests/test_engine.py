@@ -338,7 +338,8 @@ def test_peak_device_bytes_do_not_grow_with_depth():
         for _ in range(2):
             trainer.train_step(torch.randint(0, VOCAB, (4, SEQ)))
         peaks[layers] = trainer.stats["peak_device_bytes"]
-        # The accounting is real: at least the two weight slots and one block's activations.
+        # The accounting is real: at least the two alternating gradient buffers of a block and its
+        # activations (the CPU device has no weight slots: blocks compute on their host weights).
         block = trainer.model.layers[1].numel * 4
         assert peaks[layers] > 2 * block
     assert abs(peaks[16] - peaks[4]) <= 0.05 * peaks[4], peaks
@@ -396,7 +397,13 @@ def status(key):
 cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=512, intermediate_size=1536,
            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, vocab_size=4096,
            max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
-base = status("VmRSS")  # Python, torch and the native module, before any model
+# A first small model and step, so what the process sets up once (torch's and the native
+# pools' threads, lazy imports, allocator arenas) is in the baseline, not in the measurement.
+w = horizon.Trainer.from_config(dict(cfg, hidden_size=64, intermediate_size=96, num_hidden_layers=1, vocab_size=256),
+                                seed=0, device="cpu", micro_batch_size=2, activation_memory=0)
+w.train_step(torch.randint(0, 256, (2, 16)))
+del w
+base = status("VmRSS")
 t = horizon.Trainer.from_config(cfg, seed=0, device="cpu", lr=1e-4, micro_batch_size=2, activation_memory=0)
 e = t.engine
 built = dict(rss=status("VmRSS"), host=e.host_ledger.current, device=e.device_ledger.current)
@@ -412,12 +419,14 @@ print(json.dumps(dict(base=base, built=built, rss=status("VmRSS"), hwm=status("V
 
 def test_the_cpu_ledgers_match_the_process_memory():
     """The host and CPU-device ledgers against what the kernel says the process holds (VmRSS,
-    VmHWM of a fresh process; 31 M parameters, 680 MiB held): what the ledgers hold is resident
-    (a ledger counting memory nobody allocated fails the lower bounds), and the process holds
-    little beyond it (one that missed a slab part or the slots fails the upper bounds). Beyond
-    the ledgers: the process's own allocations (48 MiB) and, in the step, one block's backward
-    as autograd makes it (a gradient per weight tensor, their sum and the accumulator; the CPU
-    device ledger counts the accumulator but not autograd's per-tensor gradients)."""
+    VmHWM of a fresh process after a warm-up; 31 M parameters, 620 MiB of host state). Built:
+    the host ledger's holdings (slabs, landing slots) are resident, and the process holds
+    little beyond them (measured 16-22 MiB over; the device ledger's gradient buffers, 34 MiB,
+    are allocated but not yet touched): a ledger that counted memory nobody allocated, or missed
+    a slab part or the slots, fails. After a step everything held is resident, and the peak is
+    within the ledgers' peaks plus one block's backward as autograd makes it (a gradient per
+    weight tensor, their sum and the accumulator; the CPU device ledger counts the accumulator
+    but not autograd's per-tensor gradients) and 48 MiB (measured: 100 MiB under the bound)."""
     import json
     import subprocess
     import sys
@@ -427,9 +436,8 @@ def test_the_cpu_ledgers_match_the_process_memory():
     d = json.loads(r.stdout.strip().splitlines()[-1])
     mib = 1 << 20
     b = d["built"]
-    held = b["host"] + b["device"]
-    assert held >= 18 * 31_000_000  # the state is what is measured, not noise
-    assert held <= b["rss"] - d["base"] <= held + 48 * mib, (b, d["base"])
+    assert b["host"] >= 18 * 31_000_000  # the state is what is measured, not noise
+    assert b["host"] <= b["rss"] - d["base"] <= b["host"] + b["device"] + 32 * mib, (b, d["base"])
     assert d["host"] + d["device"] <= d["rss"] - d["base"], d
     one_backward = (d["tensors"] + 2) * d["lmax"] * 4
     assert d["hwm"] - d["base"] <= d["host_peak"] + d["device_peak"] + one_backward + 48 * mib, d

@@ -226,7 +226,8 @@ def make_plan(config: dict, *, batch_size: int, seq_len: int, micro_batch_size: 
         "load_buffer_fp32": 4 * largest,  # one layer's state read from a model or checkpoint file
     }
     device = {
-        "weight_slots": WEIGHT_SLOTS * c * largest,
+        # the CPU device computes on the host weights in place (engine/pipeline.py alias_host)
+        "weight_slots": 0 if machine.device == "cpu" else WEIGHT_SLOTS * c * largest,
         # the engine's persistent fp32 gradient buffers: two alternating ones of the largest layer
         # and one for the embedding (engine/schedule.py `_grad_acc`)
         "grad_accumulator_fp32": 4 * (2 * largest + layers[0][1]),

@@ -58,18 +58,20 @@ class WeightStream:
         self.slot_numel = int(slot_numel)
         self._cuda = self.device.type == "cuda"
         self._pipe = pipeline or default_pipeline()
-        self._slots = [torch.empty(self.slot_numel, dtype=dtype, device=self.device) for _ in range(n_slots)]
+        # The CPU device, when the caller guarantees the sources are not written while a layer
+        # is in a slot (the engine: updates wait for the step's verdict, and a layer's next read
+        # waits for its update): the "slot" is the source itself, no copy, and no slot memory
+        # is allocated. The slot protocol and the byte count (the stream's logical traffic)
+        # stay as they are.
+        self.alias_host = bool(alias_host) and not self._cuda
+        numel = 0 if self.alias_host else self.slot_numel
+        self._slots = [torch.empty(numel, dtype=dtype, device=self.device) for _ in range(n_slots)]
         self._ring = _native.SlotRing(n_slots)
         self._pending: dict = {}
         self._release_events = [None] * n_slots
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self.bytes_h2d = 0
         self.wait_seconds = 0.0
-        # The CPU device, when the caller guarantees the sources are not written while a layer
-        # is in a slot (the engine: updates wait for the step's verdict, and a layer's next read
-        # waits for its update): the "slot" is the source itself, no copy. The slot protocol
-        # and the byte count (the stream's logical traffic) stay as they are.
-        self.alias_host = bool(alias_host) and not self._cuda
 
     @property
     def n_slots(self) -> int:
@@ -77,7 +79,7 @@ class WeightStream:
 
     @property
     def device_bytes(self) -> int:
-        """Bytes of the device slots (allocated once)."""
+        """Bytes of the device slots (allocated once; none when aliasing the host weights)."""
         return sum(s.numel() * s.element_size() for s in self._slots)
 
     def prefetch(self, key, src: torch.Tensor) -> None:
