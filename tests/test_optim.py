@@ -126,6 +126,28 @@ def test_state_dict_round_trip_and_exchange_with_torch():
     for pc, pt in zip(c, t):
         assert max_rel_err(pc.detach(), pt.detach()) <= 1e-6
 
+    # A loaded state in another layout (float64, transposed): each property alone is converted
+    # to the dense fp32 the kernel reads, and the run continues like torch's.
+    for change in ("float64", "transposed"):
+        t, c = make_params(12), make_params(12)
+        topt = torch.optim.AdamW(groups(t), lr=1e-2, foreach=False)
+        run_steps(topt, t, 2, seed=13)
+        for pc, pt in zip(c, t):
+            pc.data.copy_(pt.data)
+        sd = copy.deepcopy(topt.state_dict())
+        for st in sd["state"].values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if change == "float64":
+                    st[key] = st[key].double()
+                elif st[key].dim() == 2:
+                    st[key] = st[key].t().contiguous().t()  # same values, column-major
+        copt = CPUAdamW(groups(c), lr=1e-2)
+        copt.load_state_dict(sd)
+        run_steps(topt, t, 2, seed=14)
+        run_steps(copt, c, 2, seed=14)
+        for pc, pt in zip(c, t):
+            assert max_rel_err(pc.detach(), pt.detach()) <= 1e-6, change
+
 
 def test_non_contiguous_param_and_missing_grads():
     base = torch.randn(6, 9) + 2.0

@@ -130,7 +130,8 @@ def test_documents_without_targets_are_dropped_and_counted():
     docs = np.asarray([0, 1, 4, 6, 10], dtype=np.uint64)
     tf = TokenFile(Path("x"), Path("x"), ids, mask, docs)
     ds = DocumentDataset([tf], 8, seed=0, pad_id=PAD)
-    assert ds.counts["dropped_untrained"] == 2 and ds.counts["documents"] == 4
+    assert ds.counts == {"documents": 4, "truncated": 0, "split": 0, "split_pieces": 0, "dropped_long": 0,
+                         "dropped_untrained": 2, "dropped_untrained_pieces": 2}  # every counter: none starts off zero
     assert sorted(check_epoch(ds, [tf], 8, "split")) == [5, 9]
     with pytest.raises(HorizonError, match="has no document to train on .*2 with no trained tokens"):
         DocumentDataset([tf], 8, seed=0, keep=np.asarray([True, True, False, False]))
