@@ -409,11 +409,9 @@ e = t.engine
 built = dict(rss=status("VmRSS"), host=e.host_ledger.current, device=e.device_ledger.current)
 t.train_step(torch.randint(0, 4096, (4, 64), generator=torch.Generator().manual_seed(0)))
 t.synchronize()
-blocks = [layer for layer in t.model.layers if layer.key.startswith("layers.")]
 print(json.dumps(dict(base=base, built=built, rss=status("VmRSS"), hwm=status("VmHWM"),
                       host=e.host_ledger.current, device=e.device_ledger.current, host_peak=e.host_ledger.peak,
-                      device_peak=e.peak_device_bytes(), lmax=max(layer.numel for layer in t.model.layers),
-                      tensors=max(len(layer.layout) for layer in blocks))))
+                      device_peak=e.peak_device_bytes())))
 """
 
 
@@ -424,9 +422,8 @@ def test_the_cpu_ledgers_match_the_process_memory():
     little beyond them (measured 16-22 MiB over; the device ledger's gradient buffers, 34 MiB,
     are allocated but not yet touched): a ledger that counted memory nobody allocated, or missed
     a slab part or the slots, fails. After a step everything held is resident, and the peak is
-    within the ledgers' peaks plus one block's backward as autograd makes it (a gradient per
-    weight tensor, their sum and the accumulator; the CPU device ledger counts the accumulator
-    but not autograd's per-tensor gradients) and 48 MiB (measured: 100 MiB under the bound)."""
+    within the ledgers' peaks (the CPU device's counting autograd's per-tensor weight gradients
+    of the block in its backward) and 64 MiB (measured 30-35 MiB over)."""
     import json
     import subprocess
     import sys
@@ -439,8 +436,7 @@ def test_the_cpu_ledgers_match_the_process_memory():
     assert b["host"] >= 18 * 31_000_000  # the state is what is measured, not noise
     assert b["host"] <= b["rss"] - d["base"] <= b["host"] + b["device"] + 32 * mib, (b, d["base"])
     assert d["host"] + d["device"] <= d["rss"] - d["base"], d
-    one_backward = (d["tensors"] + 2) * d["lmax"] * 4
-    assert d["hwm"] - d["base"] <= d["host_peak"] + d["device_peak"] + one_backward + 48 * mib, d
+    assert d["hwm"] - d["base"] <= d["host_peak"] + d["device_peak"] + 64 * mib, d
 
 
 @pytest.mark.parametrize("grad_clip", [None, 1.0])

@@ -489,6 +489,7 @@ class LayerMajorEngine:
                 self.device_ledger.transient(saved.nbytes)
                 # allow_unused: a parameter outside the loss's graph gets a zero gradient.
                 g = torch.autograd.grad(scaled, (h,) + wrt, allow_unused=True)
+                self.device_ledger.transient(tensor_bytes(list(g)) + tensor_bytes(grads_out))
                 grads_out.append(torch.zeros_like(h) if g[0] is None else g[0])
                 accumulate_param_grads(head_acc, head.layout, g[1:1 + n_head], first=i == 0)
                 if tied:
@@ -556,6 +557,9 @@ class LayerMajorEngine:
                         self.device_ledger.transient(saved.nbytes + tensor_bytes(y) + tensor_bytes(new_grads))
                         gx, *gparams = torch.autograd.grad(outs, (x, *leaves.values()), grads, allow_unused=True)
                         del y, outs
+                    # What autograd hands back (a gradient per weight tensor, the input's) beside
+                    # the earlier micro-batches' input gradients, until summed into acc.
+                    self.device_ledger.transient(tensor_bytes(gparams) + tensor_bytes(gx) + tensor_bytes(new_grads))
                     accumulate_param_grads(acc, b.layout, gparams, first=j == 0)
                     new_grads.append(gx)
                     del gparams
