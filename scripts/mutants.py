@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 import tokenize
+from dataclasses import dataclass
+from typing import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -160,6 +162,89 @@ def _build_native(work: pathlib.Path) -> str:
     return ""
 
 
+@dataclass
+class _Mutant:
+    """One mutant for `_run`: `apply(work, target)` changes work/`file` (the path `target`) in
+    place and builds what it needs, returning "" or why the mutant cannot run; `record` starts
+    its JSON line; `detail` follows its label in the survivors' list."""
+
+    file: str
+    tests: list
+    label: str
+    apply: Callable[[pathlib.Path, pathlib.Path], str]
+    record: dict
+    detail: str = ""
+
+
+def _run(work: pathlib.Path, mutants: list, *, budget_min: float, out: pathlib.Path, what: str,
+         overhead_s: float = 0.0, prepare=None) -> int:
+    """Runs `mutants` in the scratch copy `work` (each file restored after its mutant) against
+    their tests, first checking that the unmutated tests pass (their time sets the mutants'
+    limits: 3 x + 30 s); stops starting mutants when the next one's baseline (+ `overhead_s`)
+    would end past the budget. `prepare(work)`, when given, runs before the baselines and after
+    the last mutant ("" or why it failed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + 60 * budget_min
+    counts = {"killed": 0, "timeout": 0, "unviable": 0, "survived": 0}
+    survivors = []
+    try:
+        if prepare is not None:
+            why = prepare(work)
+            if why:
+                print(f"mutants: the unmutated tree does not build ({why})", file=sys.stderr)
+                return 2
+        baseline = {}
+        for m in mutants:  # the unmutated tests must pass, and set the mutants' limits
+            key = tuple(m.tests)
+            if key not in baseline:
+                status, dt, why = _pytest(work, m.tests, timeout=3600)
+                if status != "survived":
+                    print(f"mutants: the unmutated {' '.join(m.tests)} do not pass ({why}): nothing to learn",
+                          file=sys.stderr)
+                    return 2
+                baseline[key] = dt
+                print(f"baseline {' '.join(m.tests)}: {dt:.0f} s", flush=True)
+        for i, m in enumerate(mutants):
+            base = baseline[tuple(m.tests)]
+            if time.monotonic() + base + overhead_s > deadline:
+                break
+            target = work / m.file
+            original = target.read_text()
+            t0 = time.monotonic()
+            try:
+                why = m.apply(work, target)
+                status = "unviable" if why else None
+                if not why:
+                    status, _, why = _pytest(work, m.tests, 3 * base + 30)
+            finally:
+                target.write_text(original)
+            dt = time.monotonic() - t0
+            counts[status] += 1
+            with out.open("a") as f:
+                f.write(json.dumps(dict(m.record, status=status, seconds=round(dt, 1), failed=why)) + "\n")
+            print(f"[{i + 1}/{len(mutants)}] {status:8s} {m.label}  ({dt:.0f} s)", flush=True)
+            if status == "survived":
+                survivors.append(m)
+        if prepare is not None:
+            prepare(work)  # leave what it builds made from the unmutated source
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    unviable = f"{counts['unviable']} unviable, " if counts["unviable"] else ""
+    print(f"\n{sum(counts.values())} of {len(mutants)} {what}: {counts['killed']} killed, {counts['timeout']} timed out, "
+          f"{unviable}{counts['survived']} survived  (records: {out})")
+    for m in survivors:
+        print(f"  survived {m.label}" + (f"   | {m.detail}" if m.detail else ""))
+    return 0
+
+
+def _patch_and_build(diff: pathlib.Path):
+    def apply(work: pathlib.Path, target: pathlib.Path) -> str:
+        with open(diff) as f:
+            p = subprocess.run(["patch", "-s", str(target)], stdin=f, capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode else _build_native(work)
+    return apply
+
+
 def rust_recheck(a) -> int:
     """The mutants cargo-mutants reported missed (outcomes.json of its output directory), each
     built into the Python module and run against the pytest files of its module."""
@@ -170,63 +255,14 @@ def rust_recheck(a) -> int:
         if m and o["summary"] == "MissedMutant":
             tests = next((t for prefix, t in RUST_TESTS.items() if m["file"].startswith(prefix)), None)
             if tests:
-                missed.append((m["name"], m["file"], pathlib.Path(a.rust_recheck) / o["diff_path"], tests))
+                diff = pathlib.Path(a.rust_recheck) / o["diff_path"]
+                missed.append(_Mutant(m["file"], tests, m["name"], _patch_and_build(diff),
+                                      dict(group="rust", mutant=m["name"], file=m["file"], tests=tests)))
     if not missed:
         print("mutants: no missed Rust mutant of a module the Python tests exercise")
         return 0
-    out = pathlib.Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = _scratch()
-    deadline = time.monotonic() + 60 * a.budget_min
-    counts = {"killed": 0, "timeout": 0, "survived": 0, "unviable": 0}
-    survivors = []
-    try:
-        why = _build_native(work)
-        if why:
-            print(f"mutants: the unmutated crate does not build ({why})", file=sys.stderr)
-            return 2
-        baseline = {}
-        for _, _, _, tests in missed:
-            key = tuple(tests)
-            if key not in baseline:
-                status, dt, why = _pytest(work, tests, timeout=3600)
-                if status != "survived":
-                    print(f"mutants: the unmutated {' '.join(tests)} do not pass ({why})", file=sys.stderr)
-                    return 2
-                baseline[key] = dt
-        for i, (name, file, diff, tests) in enumerate(missed):
-            if time.monotonic() + baseline[tuple(tests)] + 60 > deadline:
-                break
-            target = work / file
-            original = target.read_text()
-            t0 = time.monotonic()
-            try:
-                p = subprocess.run(["patch", "-s", str(target)], stdin=open(diff), capture_output=True, text=True)
-                why = p.stdout.strip() if p.returncode else _build_native(work)
-                if why:
-                    status, why = "unviable", why
-                else:
-                    status, _, why = _pytest(work, tests, 3 * baseline[tuple(tests)] + 30)
-            finally:
-                target.write_text(original)
-            dt = time.monotonic() - t0
-            counts[status] += 1
-            rec = dict(group="rust", mutant=name, file=file, status=status, seconds=round(dt, 1), failed=why,
-                       tests=tests)
-            with out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(f"[{i + 1}/{len(missed)}] {status:8s} {name}  ({dt:.0f} s)", flush=True)
-            if status == "survived":
-                survivors.append(name)
-        _build_native(work)  # leave the target dir built from the unmutated source
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{sum(counts.values())} of {len(missed)} missed Rust mutants rechecked with pytest: "
-          f"{counts['killed']} killed, {counts['timeout']} timed out, {counts['unviable']} unviable, "
-          f"{counts['survived']} survived  (records: {out})")
-    for n in survivors:
-        print(f"  survived {n}")
-    return 0
+    return _run(_scratch(), missed, budget_min=a.budget_min, out=pathlib.Path(a.out),
+                what="missed Rust mutants rechecked with pytest", overhead_s=60, prepare=_build_native)
 
 
 def _scratch() -> pathlib.Path:
@@ -284,52 +320,20 @@ def main(argv=None) -> int:
         print(f"{len(pool)} mutants")
         return 0
 
-    out = pathlib.Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = _scratch()
-    deadline = time.monotonic() + 60 * a.budget_min
-    counts = {"killed": 0, "timeout": 0, "survived": 0}
-    survivors = []
-    baseline = {}
-    try:
-        for g in groups:  # the unmutated suite must pass, and sets each group's timeout
-            status, dt, why = _pytest(work, GROUPS[g][1], timeout=3600)
-            if status != "survived":
-                print(f"mutants: the unmutated tests of group {g} do not pass ({why}): nothing to learn", file=sys.stderr)
-                return 2
-            baseline[g] = dt
-            print(f"baseline {g}: {dt:.0f} s", flush=True)
-        done = 0
-        for g, m, c in pool:
-            limit = 3 * baseline[g] + 30
-            if time.monotonic() + baseline[g] > deadline:
-                break
-            row, col, old, new = c
-            target = work / m
-            original = target.read_text()
-            lines = original.splitlines(keepends=True)
+    sources = {m: (ROOT / m).read_text().splitlines(keepends=True) for m in {m for _, m, _ in pool}}
+    mutants = []
+    for g, m, c in pool:
+        row, col, old, new = c
+        lines = sources[m]
+
+        def apply(work, target, lines=lines, c=c) -> str:
             target.write_text(_mutate(lines, c))
-            try:
-                status, dt, why = _pytest(work, GROUPS[g][1], limit)
-            finally:
-                target.write_text(original)
-            done += 1
-            counts[status] += 1
-            rec = dict(group=g, file=m, line=row, col=col + 1, old=old, new=new, status=status, seconds=round(dt, 1),
-                       failed=why, text=lines[row - 1].strip())
-            with out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(f"[{done}/{len(pool)}] {status:8s} {m}:{row}: {old!r} -> {new!r}  ({dt:.0f} s)", flush=True)
-            if status == "survived":
-                survivors.append(rec)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    total = sum(counts.values())
-    print(f"\n{total} of {len(pool)} mutants run: {counts['killed']} killed, {counts['timeout']} timed out, "
-          f"{counts['survived']} survived  (records: {out})")
-    for r in survivors:
-        print(f"  survived {r['file']}:{r['line']}: {r['old']!r} -> {r['new']!r}   | {r['text']}")
-    return 0
+            return ""
+
+        text = lines[row - 1].strip()
+        mutants.append(_Mutant(m, GROUPS[g][1], f"{m}:{row}: {old!r} -> {new!r}", apply,
+                               dict(group=g, file=m, line=row, col=col + 1, old=old, new=new, text=text), text))
+    return _run(_scratch(), mutants, budget_min=a.budget_min, out=pathlib.Path(a.out), what="mutants run")
 
 
 if __name__ == "__main__":
