@@ -101,7 +101,7 @@ class ActivationStore:
     def clear(self) -> None:
         """Forgets every checkpoint and gives back every holding, those already taken (a step
         that failed between a block's take and its release) included."""
-        for key in self._held | set(self._kept) | set(self._incoming):
+        for key in list(self._held):  # every key put and not released: the kept and incoming ones too
             self.release(key)
         self._kept.clear()
         self._incoming.clear()

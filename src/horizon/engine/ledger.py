@@ -1,6 +1,7 @@
 """The engine's accounting of the memory it holds: device bytes (weight slots, gradient
 accumulators, checkpoints kept on the device, the live activations of the block being
-computed and the gradients its backward hands back) and host bytes (layer slabs, landing slots, offloaded checkpoints).
+computed and the gradients its backward hands back) and host bytes (layer slabs, landing
+slots, offloaded checkpoints).
 
 On CUDA the device peak is read from torch's caching allocator; on the CPU device it is the
 sum of the tensors the engine places there, measured from the tensors themselves (their
